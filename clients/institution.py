@@ -1,0 +1,219 @@
+"""One institution's side of a round: who it is, its data, its state, and what it does with a message.
+
+``clients/app.py`` turns Flower messages into calls here and the results back into messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import RecordDict
+
+from clients.evaluation import evaluate
+from clients.state import InstitutionState, StateStore
+from clients.training import sample_rate_for, steps_per_round, train_locally
+from shared.config import FedChurnConfig, config_to_dict
+from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
+from shared.errors import FedChurnError
+from shared.model import ChurnModel, build_model, encoder_arrays, head_state, load_encoder_arrays, load_head_state
+from shared.privacy import check_delta, resolve_noise_multiplier
+
+logger = logging.getLogger(__name__)
+
+# Node-config keys a bank's SuperNode is started with (deployment).
+NODE_INSTITUTION = "institution"
+NODE_DATA_PATH = "data-path"
+NODE_STATE_DIR = "state-dir"
+# Node-config keys Flower's simulation gives each virtual node.
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+
+@dataclass(frozen=True)
+class Institution:
+    name: str
+    config: FedChurnConfig  # the run's config, with the data section as this institution sees it
+    state_dir: Path
+
+
+def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:
+    """Name, data and state folder from the node's config (a real bank) or its partition id (a simulation)."""
+    if NODE_INSTITUTION in node_config:
+        name = str(node_config[NODE_INSTITUTION])
+        if NODE_DATA_PATH not in node_config:
+            raise FedChurnError(
+                f"node config of institution '{name}' has no '{NODE_DATA_PATH}': start the SuperNode with "
+                f"--node-config \"{NODE_INSTITUTION}='{name}' {NODE_DATA_PATH}='/path/to/customers.csv'\""
+            )
+        data = dataclasses.replace(
+            config.data,
+            source="csv",
+            schema=resolve_schema(config.data),
+            csv_path=None,
+            institution_column=None,
+            institution_files={name: str(node_config[NODE_DATA_PATH])},
+            institutions=(),
+        )
+        state_dir = Path(str(node_config.get(NODE_STATE_DIR, Path("fedchurn-state") / name)))
+        return Institution(name=name, config=dataclasses.replace(config, data=data), state_dir=state_dir)
+    if NODE_PARTITION_ID in node_config:
+        names = _institution_names(config)
+        partition = int(node_config[NODE_PARTITION_ID])
+        partitions = int(node_config.get(NODE_NUM_PARTITIONS, len(names)))
+        if partitions != len(names) or not 0 <= partition < len(names):
+            raise FedChurnError(
+                f"the simulation runs {partitions} virtual institutions but the data holds {len(names)} "
+                f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); start it with {len(names)} nodes"
+            )
+        name = names[partition]
+        return Institution(name=name, config=config, state_dir=Path(config.output_dir) / "institutions" / name)
+    raise FedChurnError(
+        f"node config {dict(node_config)} names no institution: give '{NODE_INSTITUTION}' and '{NODE_DATA_PATH}'"
+    )
+
+
+_NAMES_CACHE: dict[str, list[str]] = {}
+_DATA_CACHE: OrderedDict[tuple[str, str], PreparedInstitution] = OrderedDict()
+_DATA_CACHE_SIZE = 256  # a Ray worker serves many institutions: bound what it keeps
+
+
+def _data_key(config: FedChurnConfig) -> str:
+    return json.dumps([config.seed, config_to_dict(config)["data"]], sort_keys=True)
+
+
+def _institution_names(config: FedChurnConfig) -> list[str]:
+    key = _data_key(config)
+    if key not in _NAMES_CACHE:
+        _NAMES_CACHE[key] = institution_names(config.data, seed=config.seed)
+    return _NAMES_CACHE[key]
+
+
+def load_data(institution: Institution) -> PreparedInstitution:
+    """The institution's prepared splits, cached per worker and keyed by institution and data config."""
+    key = (_data_key(institution.config), institution.name)
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+        return _DATA_CACHE[key]
+    prepared = prepare_institution(institution.config, institution.name)
+    _DATA_CACHE[key] = prepared
+    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return prepared
+
+
+def _build_model(institution: Institution, data: PreparedInstitution, state: InstitutionState) -> ChurnModel:
+    # Seed before building so a new head starts from the same weights in every run with this seed.
+    torch.manual_seed(derive_seed(institution.config.seed, institution.name, "head"))
+    model = build_model(institution.config.model, input_dim=len(data.feature_names))
+    if state.head is not None:
+        load_head_state(model, state.head, what=f"saved head of {institution.name} in {institution.state_dir}")
+    return model
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    encoder: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def train_round(
+    institution: Institution,
+    *,
+    encoder: Mapping[str, np.ndarray],
+    server_round: int,
+    proximal_mu: float,
+    run_id: int,
+    context_state: RecordDict,
+) -> TrainResult:
+    """Fine-tune on local data from the sent encoder; keep the head; report the encoder and cumulative ε."""
+    config = institution.config
+    data = load_data(institution)
+    store = StateStore(institution.state_dir, run_id=run_id, accountant=config.privacy.accountant)
+    state = store.load(context_state)
+    model = _build_model(institution, data, state)
+    load_encoder_arrays(model, encoder)
+
+    n_train = len(data.y_train)
+    sample_rate = sample_rate_for(n_train=n_train, batch_size=config.training.batch_size)
+    if config.privacy.enabled:
+        check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        if state.noise_multiplier is None:
+            per_round = steps_per_round(
+                n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
+            )
+            state.noise_multiplier = resolve_noise_multiplier(
+                config.privacy, sample_rate=sample_rate, total_steps=per_round * config.rounds
+            )
+    report = train_locally(
+        model,
+        data.x_train,
+        data.y_train,
+        training=config.training,
+        privacy=config.privacy,
+        accountant=state.accountant,
+        noise_multiplier=state.noise_multiplier or 0.0,
+        proximal_mu=proximal_mu,
+        seed=derive_seed(config.seed, institution.name, server_round, "train"),
+    )
+    state.accountant = report.accountant
+    state.head = head_state(model)
+    state.rounds_trained += 1
+    state.last_epsilon = report.epsilon
+    state.preprocessor = data.preprocessor.to_dict()
+    store.save(state, context_state)
+    logger.info(
+        "%s round %d: loss %.4f, epsilon %.3f after %d steps",
+        institution.name,
+        server_round,
+        report.loss,
+        report.epsilon,
+        report.accountant.total_steps,
+    )
+    metrics = {
+        "num-examples": float(n_train),
+        "train-loss": report.loss if math.isfinite(report.loss) else 0.0,
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "noise-multiplier": report.noise_multiplier,
+        "sample-rate": report.sample_rate,
+        "steps": float(report.steps),
+        "total-steps": float(report.accountant.total_steps),
+    }
+    return TrainResult(encoder=encoder_arrays(model), metrics=metrics)
+
+
+def evaluate_round(
+    institution: Institution, *, encoder: Mapping[str, np.ndarray], run_id: int, context_state: RecordDict
+) -> dict[str, float]:
+    """Global encoder + this institution's own head, on its own validation and test rows."""
+    config = institution.config
+    data = load_data(institution)
+    state = StateStore(institution.state_dir, run_id=run_id, accountant=config.privacy.accountant).load(context_state)
+    model = _build_model(institution, data, state)
+    load_encoder_arrays(model, encoder)
+    test = evaluate(model, data.x_test, data.y_test)
+    validation = evaluate(model, data.x_val, data.y_val)
+    privacy_on = config.privacy.enabled
+    return {
+        "num-examples": float(len(data.y_test)),
+        "auc": test["auc"],
+        "pr-auc": test["pr_auc"],
+        "brier": test["brier"],
+        "accuracy": test["accuracy"],
+        "loss": test["loss"],
+        "val-auc": validation["auc"],
+        "epsilon": state.last_epsilon if privacy_on else math.inf,
+        "delta": config.privacy.delta if privacy_on else 0.0,
+        "n-train": float(len(data.y_train)),
+        "n-test": float(len(data.y_test)),
+    }

@@ -1,0 +1,132 @@
+"""Local fine-tuning at one institution: the head always, the encoder when configured, DP-SGD when enabled."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.config import PrivacyConfig, TrainingConfig
+from shared.model import ChurnModel
+from shared.privacy import AccountantState, epsilon_of, make_private, unwrap
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    n_train: int
+    loss: float  # mean training loss over the round's batches
+    noise_multiplier: float  # 0.0 without DP
+    sample_rate: float
+    steps: int  # optimizer steps this round
+    accountant: AccountantState  # cumulative history, this round included
+    epsilon: float  # cumulative over all rounds so far; inf without DP
+    delta: float
+
+
+def steps_per_round(*, n_train: int, batch_size: int, local_epochs: int) -> int:
+    """Optimizer steps one round takes (Opacus's Poisson loader keeps the plain loader's batch count)."""
+    return local_epochs * math.ceil(n_train / batch_size)
+
+
+def sample_rate_for(*, n_train: int, batch_size: int) -> float:
+    return min(1.0, batch_size / n_train)
+
+
+def train_locally(
+    model: ChurnModel,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    accountant: AccountantState,
+    noise_multiplier: float,
+    proximal_mu: float = 0.0,
+    seed: int,
+) -> TrainReport:
+    """One round of local training. ``model`` is trained in place (its unwrapped parameters)."""
+    torch.manual_seed(seed)  # Poisson sampling and DP noise draw from torch's global generator
+    n_train = len(y_train)
+    for parameter in model.encoder.parameters():
+        parameter.requires_grad_(training.train_encoder)
+    global_encoder = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if training.optimizer == "sgd":
+        optimizer = torch.optim.SGD(trainable, lr=training.learning_rate, momentum=training.momentum)
+    else:
+        optimizer = torch.optim.Adam(trainable, lr=training.learning_rate)
+    dataset = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    sample_rate = sample_rate_for(n_train=n_train, batch_size=training.batch_size)
+
+    module: nn.Module = model
+    if privacy.enabled:
+        private = make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            clipping_norm=privacy.clipping_norm,
+            state=accountant,
+        )
+        module, optimizer, loader = private.module, private.optimizer, private.data_loader
+
+    loss_fn = nn.BCEWithLogitsLoss()
+    module.train()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(training.local_epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(xb)
+            if len(yb) == 0:
+                # Poisson sampling can draw an empty batch. The step still runs (noise only), so the
+                # accountant's step count matches the mechanism; a mean over no rows would be NaN.
+                (logits.sum() * 0.0).backward()
+            else:
+                loss = loss_fn(logits, yb)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+            steps += 1
+            if proximal_mu > 0.0 and training.train_encoder:
+                _proximal_step(model, global_encoder, lr=training.learning_rate, mu=proximal_mu)
+
+    if privacy.enabled:
+        history = private.finish()
+        epsilon = epsilon_of(history, delta=privacy.delta)
+        unwrap(module)  # parameters were trained in place; nothing to copy back
+    else:
+        history = accountant
+        epsilon = math.inf
+    return TrainReport(
+        n_train=n_train,
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        noise_multiplier=noise_multiplier if privacy.enabled else 0.0,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=history,
+        epsilon=epsilon,
+        delta=privacy.delta if privacy.enabled else 0.0,
+    )
+
+
+@torch.no_grad()
+def _proximal_step(model: ChurnModel, global_encoder: Mapping[str, torch.Tensor], *, lr: float, mu: float) -> None:
+    """FedProx's pull towards the global encoder, as a separate data-free step.
+
+    Inside the DP loss its gradient would be dropped (Opacus rebuilds gradients from per-sample terms); applied
+    here it touches no customer data, so the DP guarantee of the step before is unchanged.
+    """
+    for name, parameter in model.encoder.named_parameters():
+        parameter.sub_(lr * mu * (parameter - global_encoder[name]))

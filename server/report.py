@@ -1,0 +1,140 @@
+"""What the server records about a run: per-round metrics per institution, dropped replies, the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from server.checkpoint import save_round
+from server.strategy import DroppedReply, Reply
+from shared.wire import from_array_record
+
+logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")  # one line per round; the CLI shows it
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# Reply metric name -> summary field name.
+SUMMARY_FIELDS = {
+    "auc": "auc",
+    "pr-auc": "pr_auc",
+    "brier": "brier",
+    "accuracy": "accuracy",
+    "epsilon": "epsilon",
+    "delta": "delta",
+    "n-train": "n_train",
+    "n-test": "n_test",
+    "val-auc": "val_auc",
+}
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no infinity: ε without DP is reported as null."""
+    return value if math.isfinite(value) else None
+
+
+class RunRecorder:
+    """Observes the strategy; writes ``rounds.jsonl`` as rounds finish and ``summary.json`` at the end."""
+
+    def __init__(self, output_dir: Path, *, rounds: int) -> None:
+        self.output_dir = output_dir
+        self.rounds = rounds
+        self.latest: dict[str, dict[str, Any]] = {}  # institution -> its latest evaluation
+        self.trained: dict[str, dict[str, float]] = {}  # institution -> its latest training report
+        self.dropped: list[dict[str, Any]] = []
+        self.completed_rounds = 0
+        self._round_started = time.perf_counter()
+        self._round_seconds: list[float] = []
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._rounds_path = output_dir / ROUNDS_FILE
+        self._rounds_path.write_text("", encoding="utf-8")
+
+    # --- RoundObserver ---------------------------------------------------------------------------
+
+    def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
+        for reply in accepted:
+            self.trained[reply.institution] = reply.metrics
+            self._write({"round": server_round, "phase": "train", "institution": reply.institution, **reply.metrics})
+        self._record_dropped(server_round, "train", dropped)
+
+    def on_evaluate(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
+        for reply in accepted:
+            entry = {SUMMARY_FIELDS[k]: v for k, v in reply.metrics.items() if k in SUMMARY_FIELDS}
+            entry["round"] = server_round
+            self.latest[reply.institution] = entry
+            self._write({"round": server_round, "phase": "evaluate", "institution": reply.institution, **reply.metrics})
+        self._record_dropped(server_round, "evaluate", dropped)
+
+    # --- end of round (Flower calls the strategy's evaluate_fn after every round) ------------------
+
+    def round_finished(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # called once before the first round
+            self._round_started = time.perf_counter()
+            return None
+        save_round(self.output_dir, server_round, from_array_record(arrays))
+        seconds = time.perf_counter() - self._round_started
+        self._round_seconds.append(seconds)
+        self._round_started = time.perf_counter()
+        self.completed_rounds = server_round
+        this_round = [v for v in self.latest.values() if v["round"] == server_round]
+        aucs = [v["auc"] for v in this_round if math.isfinite(v["auc"])]
+        epsilons = [v["epsilon"] for v in this_round]
+        dropped_now = sum(1 for d in self.dropped if d["round"] == server_round)
+        progress.info(
+            "round %d/%d  %d institutions  AUC mean %.3f (min %.3f)  ε max %s  %s%.1f s",
+            server_round,
+            self.rounds,
+            len(this_round),
+            sum(aucs) / len(aucs) if aucs else float("nan"),
+            min(aucs) if aucs else float("nan"),
+            f"{max(epsilons):.3f}" if epsilons and math.isfinite(max(epsilons)) else "n/a (DP off)",
+            f"{dropped_now} replies dropped  " if dropped_now else "",
+            seconds,
+        )
+        return None
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def summary(self, *, extra: Mapping[str, Any]) -> dict[str, Any]:
+        institutions = {}
+        for name in sorted(self.latest):
+            entry = dict(self.latest[name])
+            entry["epsilon"] = _json_number(entry["epsilon"])
+            entry["n_train"] = int(entry["n_train"])
+            entry["n_test"] = int(entry["n_test"])
+            entry["evaluated_round"] = entry.pop("round")
+            institutions[name] = entry
+        return {
+            "institutions": institutions,
+            "rounds": self.completed_rounds,
+            "rounds_planned": self.rounds,
+            "seconds_per_round": [round(s, 3) for s in self._round_seconds],
+            "dropped_replies": self.dropped,
+            **extra,
+        }
+
+    def write_summary(self, summary: Mapping[str, Any]) -> Path:
+        path = self.output_dir / SUMMARY_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    def _record_dropped(self, server_round: int, phase: str, dropped: list[DroppedReply]) -> None:
+        for item in dropped:
+            record = {"round": server_round, "phase": phase, "institution": item.institution, "reason": item.reason}
+            self.dropped.append(record)
+            self._write({**record, "dropped": True})
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        clean = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in record.items()}
+        with self._rounds_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(clean, allow_nan=False) + "\n")

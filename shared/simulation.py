@@ -1,0 +1,161 @@
+"""`fedchurn simulate`: a federation of virtual institutions on Flower's Ray backend, in one process tree.
+
+This module composes both sides (it imports the ServerApp and the ClientApp), so the imports are inside the
+functions: nothing on the server or client path imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.config import FedChurnConfig, config_to_run_config
+from shared.data import institution_names, prepare_institution
+from shared.errors import FedChurnError, SimulationError
+
+logger = logging.getLogger(__name__)
+
+# Set before Flower or Ray start: no telemetry, and never let a SuperLink pip-install the app's
+# dependencies at run time (that pulled a 5 GB CUDA torch onto a CPU machine).
+QUIET_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def quiet_environment() -> None:
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    config: FedChurnConfig  # output_dir made absolute
+    institutions: tuple[str, ...]
+
+
+def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> SimulationPlan:
+    """Resolve the institutions and check every institution's data before any process starts.
+
+    Failing here, with the file, line and column, beats a failure inside a Ray worker halfway through.
+    """
+    output_dir = str(Path(config.output_dir).expanduser().resolve())
+    config = dataclasses.replace(config, output_dir=output_dir)
+    names = institution_names(config.data, seed=config.seed)
+    if not names:
+        raise SimulationError("the data holds no institutions")
+    if check_data and config.data.source == "csv":
+        for name in names:
+            prepare_institution(config, name)
+    return SimulationPlan(config=config, institutions=tuple(names))
+
+
+def _connect_ray(config: FedChurnConfig, *, ray_address: str | None) -> bool:
+    """Attach to a cluster or start a bounded local Ray. Returns True when this call started Ray."""
+    import ray
+
+    quiet_environment()
+    if ray.is_initialized():
+        return False
+    # Workers must import this project's packages, whether installed or run from a checkout.
+    project_root = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENVIRONMENT}}
+    address = ray_address or config.simulation.ray_address
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            num_cpus = config.simulation.ray_num_cpus or os.cpu_count() or 1
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+    except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... on start-up
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise SimulationError(f"could not start {where}: {exc}") from None
+    return True
+
+
+def _check_resources(config: FedChurnConfig) -> None:
+    """An actor pool that fits no actor makes Flower wait forever: refuse it up front."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0.0))
+    gpus = float(resources.get("GPU", 0.0))
+    sim = config.simulation
+    if sim.client_num_cpus > cpus:
+        raise SimulationError(
+            f"simulation.client_num_cpus = {sim.client_num_cpus} but the Ray cluster has {cpus:g} CPUs: "
+            "lower it or give Ray more CPUs (simulation.ray_num_cpus)"
+        )
+    if sim.client_num_gpus > 0 and sim.client_num_gpus > gpus:
+        raise SimulationError(
+            f"simulation.client_num_gpus = {sim.client_num_gpus} but the Ray cluster has {gpus:g} GPUs: "
+            "set it to 0 on a machine without a GPU, or attach to a cluster with GPUs (--ray-address)"
+        )
+
+
+def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run the planned federation and return the summary the server wrote."""
+    quiet_environment()
+    import json
+
+    import ray
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    from clients.app import make_client_app
+    from server.app import make_server_app
+    from server.report import SUMMARY_FILE
+
+    config = plan.config
+    run_config = config_to_run_config(config)
+    output_dir = Path(config.output_dir)
+    summary_path = output_dir / SUMMARY_FILE
+    if summary_path.exists():
+        summary_path.unlink()  # stale results must not pass for this run's
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    started_ray = _connect_ray(config, ray_address=ray_address)
+    try:
+        _check_resources(config)
+        backend_config: dict[str, Any] = {
+            "client_resources": {
+                "num_cpus": config.simulation.client_num_cpus,
+                "num_gpus": config.simulation.client_num_gpus,
+            },
+        }
+        flower_run_simulation(
+            server_app=make_server_app(run_config),
+            client_app=make_client_app(run_config),
+            num_supernodes=len(plan.institutions),
+            backend_name="ray",
+            backend_config=backend_config,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    except FedChurnError:
+        raise  # already says what is wrong and how to fix it
+    except Exception as exc:
+        raise SimulationError(f"the simulation failed: {exc}") from exc
+    finally:
+        # Flower's Ray backend shuts Ray down itself; make sure a Ray we started does not outlive the run.
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if not summary_path.exists():
+        raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
+    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    if not summary["institutions"]:
+        reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
+        raise SimulationError(f"no institution completed a round. {reasons}")
+    return summary

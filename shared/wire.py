@@ -1,0 +1,60 @@
+"""What travels between the server and the institutions: record keys, metric whitelists, array conversion.
+
+numpy + flwr only (no torch), so the server's aggregation path stays torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+ARRAYS_KEY = "arrays"  # the encoder, both ways
+CONFIG_KEY = "config"  # server -> institution: round settings
+METRICS_KEY = "metrics"  # institution -> server: whitelisted numbers only
+IDENTITY_KEY = "identity"  # institution -> server: who replied (the institution's public name)
+INSTITUTION_FIELD = "institution"
+WEIGHT_KEY = "num-examples"  # FedAvg weight: rows the update was trained on
+
+# DP-SGD protects the weights, not what a client says about them: anything outside these lists is not sent.
+TRAIN_METRICS = (
+    WEIGHT_KEY,
+    "train-loss",
+    "epsilon",
+    "delta",
+    "noise-multiplier",
+    "sample-rate",
+    "steps",
+    "total-steps",
+)
+EVALUATE_METRICS = (
+    WEIGHT_KEY,
+    "auc",
+    "pr-auc",
+    "brier",
+    "accuracy",
+    "loss",
+    "val-auc",
+    "epsilon",
+    "delta",
+    "n-train",
+    "n-test",
+)
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in record.items()}
+
+
+def whitelisted_metrics(values: Mapping[str, float], allowed: tuple[str, ...]) -> MetricRecord:
+    """Build a MetricRecord from the allowed keys only; a missing allowed key is a programming error."""
+    return MetricRecord({key: float(values[key]) for key in allowed})
+
+
+def identity_record(institution: str) -> ConfigRecord:
+    return ConfigRecord({INSTITUTION_FIELD: institution})
