@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
@@ -53,12 +53,12 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
-        round_config = msg.content[CONFIG_KEY] if CONFIG_KEY in msg.content else {}
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         result = train_round(
             institution,
             encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
-            server_round=int(round_config.get("server-round", 0)),  # type: ignore[union-attr]
-            proximal_mu=float(round_config.get("proximal-mu", 0.0)),  # type: ignore[union-attr]
+            server_round=int(round_config.get("server-round", 0)),  # type: ignore[arg-type]
+            proximal_mu=float(round_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
             run_id=context.run_id,
             context_state=context.state,
         )

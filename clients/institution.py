@@ -21,12 +21,12 @@ from flwr.app import RecordDict
 
 from clients.evaluation import evaluate
 from clients.state import InstitutionState, StateStore
-from clients.training import sample_rate_for, steps_per_round, train_locally
+from clients.training import steps_per_round, train_locally
 from shared.config import FedChurnConfig, config_to_dict
 from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
 from shared.errors import FedChurnError
 from shared.model import ChurnModel, build_model, encoder_arrays, head_state, load_encoder_arrays, load_head_state
-from shared.privacy import check_delta, resolve_noise_multiplier
+from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def load_data(institution: Institution) -> PreparedInstitution:
 
 
 def _build_model(institution: Institution, data: PreparedInstitution, state: InstitutionState) -> ChurnModel:
-    # Seed before building so a new head starts from the same weights in every run with this seed.
-    torch.manual_seed(derive_seed(institution.config.seed, institution.name, "head"))
+    # Every institution's head starts from the same seeded weights: their encoders then drift alike in
+    # early rounds, so averaging them does not scramble what the heads learned.
+    torch.manual_seed(derive_seed(institution.config.seed, "head"))
     model = build_model(institution.config.model, input_dim=len(data.feature_names))
     if state.head is not None:
         load_head_state(model, state.head, what=f"saved head of {institution.name} in {institution.state_dir}")
@@ -144,7 +145,7 @@ def train_round(
     load_encoder_arrays(model, encoder)
 
     n_train = len(data.y_train)
-    sample_rate = sample_rate_for(n_train=n_train, batch_size=config.training.batch_size)
+    sample_rate = sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size)
     if config.privacy.enabled:
         check_delta(delta=config.privacy.delta, dataset_size=n_train)
         if state.noise_multiplier is None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.config import PrivacyConfig, TrainingConfig
 from shared.model import ChurnModel
-from shared.privacy import AccountantState, epsilon_of, make_private, unwrap
+from shared.privacy import AccountantState, epsilon_of, make_private, sample_rate_for
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,6 @@ def steps_per_round(*, n_train: int, batch_size: int, local_epochs: int) -> int:
     return local_epochs * math.ceil(n_train / batch_size)
 
 
-def sample_rate_for(*, n_train: int, batch_size: int) -> float:
-    return min(1.0, batch_size / n_train)
-
-
 def train_locally(
     model: ChurnModel,
     x_train: np.ndarray,
@@ -53,7 +51,7 @@ def train_locally(
     seed: int,
 ) -> TrainReport:
     """One round of local training. ``model`` is trained in place (its unwrapped parameters)."""
-    torch.manual_seed(seed)  # Poisson sampling and DP noise draw from torch's global generator
+    torch.manual_seed(seed)  # dropout; sampling and noise use `generator` below
     n_train = len(y_train)
     for parameter in model.encoder.parameters():
         parameter.requires_grad_(training.train_encoder)
@@ -67,7 +65,7 @@ def train_locally(
     dataset = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
-    sample_rate = sample_rate_for(n_train=n_train, batch_size=training.batch_size)
+    sample_rate = sample_rate_for(dataset_size=n_train, batch_size=training.batch_size)
 
     module: nn.Module = model
     if privacy.enabled:
@@ -78,34 +76,25 @@ def train_locally(
             noise_multiplier=noise_multiplier,
             clipping_norm=privacy.clipping_norm,
             state=accountant,
+            generator=generator,
         )
         module, optimizer, loader = private.module, private.optimizer, private.data_loader
 
-    loss_fn = nn.BCEWithLogitsLoss()
     module.train()
-    losses: list[float] = []
-    steps = 0
-    for _ in range(training.local_epochs):
-        for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
-            logits = module(xb)
-            if len(yb) == 0:
-                # Poisson sampling can draw an empty batch. The step still runs (noise only), so the
-                # accountant's step count matches the mechanism; a mean over no rows would be NaN.
-                (logits.sum() * 0.0).backward()
-            else:
-                loss = loss_fn(logits, yb)
-                loss.backward()
-                losses.append(float(loss.detach()))
-            optimizer.step()
-            steps += 1
-            if proximal_mu > 0.0 and training.train_encoder:
-                _proximal_step(model, global_encoder, lr=training.learning_rate, mu=proximal_mu)
+    with warnings.catch_warnings():
+        # Opacus' per-sample hooks fire on a first layer whose input needs no gradient: expected, harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        losses, steps = _run_epochs(
+            module,
+            optimizer,
+            loader,
+            epochs=training.local_epochs,
+            proximal=(model, global_encoder, training.learning_rate, proximal_mu) if proximal_mu > 0 else None,
+        )
 
     if privacy.enabled:
         history = private.finish()
         epsilon = epsilon_of(history, delta=privacy.delta)
-        unwrap(module)  # parameters were trained in place; nothing to copy back
     else:
         history = accountant
         epsilon = math.inf
@@ -119,6 +108,37 @@ def train_locally(
         epsilon=epsilon,
         delta=privacy.delta if privacy.enabled else 0.0,
     )
+
+
+def _run_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    *,
+    epochs: int,
+    proximal: tuple[ChurnModel, Mapping[str, torch.Tensor], float, float] | None,
+) -> tuple[list[float], int]:
+    loss_fn = nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(xb)
+            if len(yb) == 0:
+                # Poisson sampling can draw an empty batch. The step still runs (noise only), so the
+                # accountant's step count matches the mechanism; a mean over no rows would be NaN.
+                (logits.sum() * 0.0).backward()
+            else:
+                loss = loss_fn(logits, yb)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+            steps += 1
+            if proximal is not None:
+                model, global_encoder, lr, mu = proximal
+                _proximal_step(model, global_encoder, lr=lr, mu=mu)
+    return losses, steps
 
 
 @torch.no_grad()

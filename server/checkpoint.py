@@ -20,7 +20,7 @@ def save_round(output_dir: Path, server_round: int, arrays: Mapping[str, np.ndar
     path = round_checkpoint_path(output_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{key: np.asarray(value) for key, value in arrays.items()})
+    np.savez(tmp, **{key: np.asarray(value) for key, value in arrays.items()})  # type: ignore[arg-type]
     os.replace(tmp, path)
     return path
 

@@ -197,9 +197,7 @@ class ValidatedFedAdam(EncoderAggregation, FedAdam):
     """Server-side Adam on the averaged encoder update."""
 
 
-def make_strategy(
-    config: StrategyConfig, *, observer: RoundObserver | None, min_available: int
-) -> EncoderAggregation:
+def make_strategy(config: StrategyConfig, *, observer: RoundObserver | None, min_available: int) -> EncoderAggregation:
     """The configured strategy, validating replies and reporting to ``observer``."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,

@@ -72,8 +72,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedChurnConfig:
     from shared.data import infer_schema
 
-    missing = [flag for flag, value in (("--label", args.label), ("--institution-column", args.institution_column))
-               if not value]
+    missing = [
+        flag
+        for flag, value in (("--label", args.label), ("--institution-column", args.institution_column))
+        if not value
+    ]
     if missing:
         raise ConfigError("--data", args.data, f"also needs {' and '.join(missing)}")
     drop = tuple(c.strip() for c in args.drop.split(",") if c.strip())
@@ -125,7 +128,9 @@ def _check_output_dir(config: FedChurnConfig, *, overwrite: bool) -> None:
 
 
 def _format_table(summary: dict[str, Any]) -> str:
-    header = f"{'institution':<22} {'n_train':>7} {'n_test':>6} {'AUC':>6} {'PR-AUC':>6} {'Brier':>6} {'acc':>6} {'ε':>7}"
+    header = (
+        f"{'institution':<22} {'n_train':>7} {'n_test':>6} {'AUC':>6} {'PR-AUC':>6} {'Brier':>6} {'acc':>6} {'ε':>7}"
+    )
     lines = [header, "-" * len(header)]
     for name, m in summary["institutions"].items():
         epsilon = m["epsilon"]
@@ -146,7 +151,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     privacy = config.privacy
     dp = (
         f"DP-SGD (C={privacy.clipping_norm}, "
-        + (f"σ={privacy.noise_multiplier}" if privacy.noise_multiplier is not None else f"target ε={privacy.target_epsilon}")
+        + (
+            f"σ={privacy.noise_multiplier}"
+            if privacy.noise_multiplier is not None
+            else f"target ε={privacy.target_epsilon}"
+        )
         + f", δ={privacy.delta}, {privacy.accountant})"
         if privacy.enabled
         else "no DP"
@@ -165,7 +174,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if config.privacy.enabled:
         print(f"\nε: cumulative over all {summary['rounds']} rounds, per customer row, δ = {delta}.")
     if summary["dropped_replies"]:
-        print(f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl")
+        print(
+            f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl"
+        )
     print(f"Run took {summary['seconds']:.1f} s. Results: {plan.config.output_dir}/summary.json")
     return 0
 
@@ -209,7 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return EXIT_USER_ERROR
-
 
 
 if __name__ == "__main__":

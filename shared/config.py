@@ -51,15 +51,11 @@ class SchemaConfig:
                 if name == self.label:
                     raise ConfigError(f"data.schema.{kind}", name, "the label column cannot be a feature")
                 if name in seen:
-                    raise ConfigError(
-                        f"data.schema.{kind}", name, f"column is already declared as {seen[name]}"
-                    )
+                    raise ConfigError(f"data.schema.{kind}", name, f"column is already declared as {seen[name]}")
                 seen[name] = kind
         for name, values in self.categorical.items():
             if len(values) == 0:
-                raise ConfigError(
-                    f"data.schema.categorical.{name}", list(values), "list at least one category value"
-                )
+                raise ConfigError(f"data.schema.categorical.{name}", list(values), "list at least one category value")
             if len(set(values)) != len(values):
                 raise ConfigError(f"data.schema.categorical.{name}", list(values), "values must be unique")
         for name in self.drop:
@@ -104,7 +100,9 @@ class SyntheticConfig:
             self.churn_rate_max,
             "must be >= data.synthetic.churn_rate_min",
         )
-        _require(0.0 <= self.feature_shift <= 5.0, "data.synthetic.feature_shift", self.feature_shift, "must be in [0, 5]")
+        _require(
+            0.0 <= self.feature_shift <= 5.0, "data.synthetic.feature_shift", self.feature_shift, "must be in [0, 5]"
+        )
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,9 @@ class DataConfig:
         if self.source == "csv":
             if self.schema is None:
                 raise ConfigError(
-                    "data.schema", None, "is required when data.source is 'csv'",
+                    "data.schema",
+                    None,
+                    "is required when data.source is 'csv'",
                     "declare label, numeric and categorical columns, or use 'fedchurn simulate --data'",
                 )
             has_table = self.csv_path is not None
@@ -319,14 +319,21 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(key, value, rule)
 
 
+INSTITUTION_NAME_RULE = "1-100 characters of letters, digits, space and - _ . $ +"
+_INSTITUTION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_. $+")
+
+
+def is_valid_institution_name(name: str) -> bool:
+    """Names become folder names at each institution; keep them safe for any file system."""
+    return bool(name) and name not in (".", "..") and set(name) <= _INSTITUTION_NAME_CHARS and len(name) <= 100
+
+
 def _check_institution_name(name: str) -> None:
-    # Names become folder names at each institution; keep them safe for any file system.
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_. $+")
-    if not name or name in (".", "..") or not set(name) <= allowed or len(name) > 100:
+    if not is_valid_institution_name(name):
         raise ConfigError(
             "data.institutions",
             name,
-            "institution names must be 1-100 characters of letters, digits, space and - _ . $ +",
+            f"institution names must be {INSTITUTION_NAME_RULE}",
         )
 
 
@@ -511,12 +518,19 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        try:  # on the command line, 1e-5 means the number (YAML alone would read text)
-            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # on the command line, 1e-5 means the number (YAML alone would read text)
     return key, value
+
+
+def _looks_like_float(text: str) -> bool:
+    if text.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def apply_overrides(config: FedChurnConfig, overrides: Mapping[str, Any]) -> FedChurnConfig:
@@ -596,7 +610,7 @@ def _field_type(dotted: str) -> Any:
     cls: Any = FedChurnConfig
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        hints = _hints(cls) if isinstance(cls, type) and dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             raise ConfigError(dotted, None, "unknown run-config key", "see the embedded default: fedchurn config show")
         tp = hints[part]
@@ -630,16 +644,16 @@ model:
   embedding_dim: 16
   head_hidden: 16            # each bank's churn head: stays at the bank
 training:
-  local_epochs: 2
-  batch_size: 64
-  learning_rate: 0.1
-  optimizer: sgd
-  momentum: 0.9
+  local_epochs: 1
+  batch_size: 64             # expected batch; the DP sample rate is about batch_size / rows
+  learning_rate: 0.02
+  optimizer: adam            # adam | sgd (measured: adam reaches the same AUC in fewer noisy rounds)
+  momentum: 0.9              # sgd only
   train_encoder: true
 privacy:
   enabled: true
   clipping_norm: 1.0         # per-customer gradient bound
-  noise_multiplier: 1.0      # or null, with target_epsilon for the whole run
+  noise_multiplier: 1.2      # or null, with target_epsilon for the whole run
   target_epsilon: null
   delta: 1.0e-5
   accountant: rdp

@@ -185,9 +185,7 @@ def test_overrides() -> None:
     assert config.privacy.delta == 1e-6
     assert config.training.batch_size == 32
     assert config.model.encoder_hidden == (8,)
-    switched = apply_overrides(
-        default_config(), {"privacy.noise_multiplier": None, "privacy.target_epsilon": 2.0}
-    )
+    switched = apply_overrides(default_config(), {"privacy.noise_multiplier": None, "privacy.target_epsilon": 2.0})
     assert switched.privacy.target_epsilon == 2.0
     with pytest.raises(ConfigError, match="'training.batch_sise'.*unknown key"):
         apply_overrides(default_config(), {"training.batch_sise": 3})

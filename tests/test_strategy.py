@@ -36,9 +36,7 @@ def _metrics(n: float, **extra: float) -> dict[str, float]:
     return values
 
 
-def _reply(
-    institution: str | None, arrays: dict[str, np.ndarray], metrics: dict[str, float], node: int = 7
-) -> Message:
+def _reply(institution: str | None, arrays: dict[str, np.ndarray], metrics: dict[str, float], node: int = 7) -> Message:
     content = RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)})
     if institution is not None:
         content["identity"] = identity_record(institution)
@@ -115,8 +113,11 @@ def test_weighted_average_of_valid_replies_and_each_bad_reply_dropped_with_reaso
 def test_aggregation_does_not_depend_on_reply_order() -> None:
     rng = np.random.default_rng(0)
     replies = [
-        _reply(f"bank-{i}", {k: rng.normal(size=v.shape).astype(np.float32) for k, v in _arrays(0).items()},
-               _metrics(float(rng.integers(50, 500))))
+        _reply(
+            f"bank-{i}",
+            {k: rng.normal(size=v.shape).astype(np.float32) for k, v in _arrays(0).items()},
+            _metrics(float(rng.integers(50, 500))),
+        )
         for i in range(8)
     ]
     first, _ = _strategy(Recorder()).aggregate_train(1, replies)

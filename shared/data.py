@@ -1,0 +1,1275 @@
+"""Customer tables per institution: checked CSV reading, the synthetic consortium, splits and preprocessing.
+
+Everything here works on ONE institution at a time: rows are never pooled across institutions. A table is
+checked strictly against the declared schema when it is read; every problem is a ``DataError`` that names the
+file, the 1-based line (the header is line 1) and the column. The preprocessor is fitted on one institution's
+training rows only, so validation and test rows never leak into the scaling or the imputation.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.config import (
+    INSTITUTION_NAME_RULE,
+    DataConfig,
+    FedChurnConfig,
+    SchemaConfig,
+    SyntheticConfig,
+    is_valid_institution_name,
+)
+from shared.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+LABEL_POSITIVE_DEFAULTS = ("1", "yes", "true", "y", "churn", "churned")  # case-insensitive, when positive is None
+MISSING_POLICIES = ("error", "drop", "impute")
+
+_REGIONS = ("north", "south", "east", "west", "central")
+_CARD_TIERS = ("blue", "silver", "gold", "platinum")
+
+SYNTHETIC_SCHEMA = SchemaConfig(
+    label="churned",
+    positive="yes",
+    numeric=(
+        "age",
+        "tenure_months",
+        "balance",
+        "credit_score",
+        "estimated_salary",
+        "num_products",
+        "transactions_last_quarter",
+        "complaints_last_year",
+        "days_since_last_login",
+        "credit_limit_utilisation",
+    ),
+    categorical={
+        "gender": ("F", "M"),
+        "region": _REGIONS,
+        "card_tier": _CARD_TIERS,
+        "is_active_member": ("yes", "no"),
+        "has_mortgage": ("yes", "no"),
+    },
+)
+
+_PREPROCESSOR_FORMAT = "fedchurn-preprocessor"
+_PREPROCESSOR_VERSION = 1
+_MIN_PER_CLASS = 3  # one positive and one negative in each of train, validation and test
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RawTable:
+    """One institution's rows, already checked against the schema (no scaling, no imputation yet)."""
+
+    institution: str
+    source: str  # file path, or "synthetic"
+    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank
+    categorical: np.ndarray  # object (n, len(schema.categorical)) of str; None where a cell was blank
+    labels: np.ndarray | None  # int64 0/1 (n,); None when the label column is absent
+    line_numbers: np.ndarray  # int64 (n,): 1-based CSV line of each row (the header is line 1)
+    schema: SchemaConfig
+    rows_dropped: int = 0  # rows removed by missing_values="drop" when this table was read
+    positive_value: str | None = None  # the label text that meant churn / did not, as read (write_csv uses them)
+    negative_value: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.line_numbers)
+        # Shapes are a programming contract, not user input: a mismatch is a bug.
+        if self.numeric.shape != (n, len(self.schema.numeric)):
+            raise ValueError(f"numeric has shape {self.numeric.shape}, expected {(n, len(self.schema.numeric))}")
+        if self.categorical.shape != (n, len(self.schema.categorical)):
+            raise ValueError(
+                f"categorical has shape {self.categorical.shape}, expected {(n, len(self.schema.categorical))}"
+            )
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"labels has shape {self.labels.shape}, expected {(n,)}")
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.line_numbers)
+
+    @property
+    def n_positive(self) -> int:
+        return 0 if self.labels is None else int(self.labels.sum())
+
+    @property
+    def n_blank(self) -> int:
+        """Blank cells kept for imputation (NaN numeric, None categorical)."""
+        return int(np.isnan(self.numeric).sum()) + sum(1 for v in self.categorical.ravel() if v is None)
+
+    def take(self, indices: np.ndarray) -> RawTable:
+        """The rows at ``indices``, in that order, with the same metadata."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            numeric=self.numeric[idx],
+            categorical=self.categorical[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            line_numbers=self.line_numbers[idx],
+        )
+
+
+def resolve_schema(data: DataConfig) -> SchemaConfig:
+    """The schema the institutions' tables follow: the synthetic one, or the declared one."""
+    if data.source == "synthetic":
+        return SYNTHETIC_SCHEMA
+    if data.schema is None:  # DataConfig already refuses this; kept for callers that build configs by hand
+        raise ConfigError("data.schema", None, "is required when data.source is 'csv'")
+    return data.schema
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from ints and strings (sha256: the same on every machine and Python run)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (int, str)):
+            raise TypeError(f"derive_seed takes ints and strings, got {type(part).__name__}")
+        # A type tag keeps 1 and "1" apart; the separator keeps ("ab", "c") and ("a", "bc") apart.
+        digest.update(f"{'i' if isinstance(part, int) else 's'}:{part}\x1f".encode())
+    return int.from_bytes(digest.digest()[:4], "big") & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Institutions
+# --------------------------------------------------------------------------------------------------
+
+
+def _synthetic_name(index: int) -> str:
+    return f"bank-{index + 1:02d}"
+
+
+def institution_names(data: DataConfig, *, seed: int) -> list[str]:
+    """The institutions of the consortium, in a stable order (``data.institutions`` when given)."""
+    del seed  # names do not depend on the seed today; kept so callers need not change if they ever do
+    if data.source == "synthetic":
+        available = [_synthetic_name(i) for i in range(data.synthetic.institutions)]
+        where = f"the synthetic consortium (data.synthetic.institutions = {data.synthetic.institutions})"
+    elif data.institution_files:
+        available = list(data.institution_files)
+        where = "data.institution_files"
+    else:
+        path, column = _table_source(data)
+        available = sorted(_column_values(path, column))
+        where = f"column '{column}' of {path}"
+    if not data.institutions:
+        return available
+    missing = [name for name in data.institutions if name not in available]
+    if missing:
+        raise DataError(
+            f"institution(s) {', '.join(repr(m) for m in missing)} listed in data.institutions not found in {where}",
+            fix=f"available: {', '.join(repr(a) for a in available)}",
+        )
+    return list(data.institutions)
+
+
+def read_institution(data: DataConfig, institution: str, *, seed: int, require_label: bool = True) -> RawTable:
+    """One institution's checked rows, from the synthetic generator or its CSV."""
+    schema = resolve_schema(data)
+    if data.source == "synthetic":
+        names = [_synthetic_name(i) for i in range(data.synthetic.institutions)]
+        if institution not in names:
+            raise DataError(
+                f"no synthetic institution named {institution!r}",
+                fix=f"the synthetic consortium has {', '.join(names)}",
+            )
+        return generate_synthetic_institution(data.synthetic, names.index(institution), seed=seed)
+    if data.institution_files:
+        if institution not in data.institution_files:
+            raise DataError(
+                f"no institution named {institution!r} in data.institution_files",
+                fix=f"known institutions: {', '.join(repr(k) for k in data.institution_files)}",
+            )
+        return read_csv_table(
+            data.institution_files[institution],
+            schema,
+            institution=institution,
+            missing_values=data.missing_values,
+            require_label=require_label,
+        )
+    path, column = _table_source(data)
+    return read_csv_table(
+        path,
+        schema,
+        institution=institution,
+        missing_values=data.missing_values,
+        require_label=require_label,
+        institution_column=column,
+    )
+
+
+def _table_source(data: DataConfig) -> tuple[str, str]:
+    if data.csv_path is None or not data.institution_column:  # DataConfig refuses this; for hand-built configs
+        raise ConfigError(
+            "data.csv_path", data.csv_path, "give data.csv_path with data.institution_column, or data.institution_files"
+        )
+    return data.csv_path, data.institution_column
+
+
+def _check_institution_value(value: str, path: str, line: int, column: str) -> None:
+    if not is_valid_institution_name(value):
+        raise DataError(
+            f"institution name {value!r} is not usable: institution names become folder names and must be "
+            f"{INSTITUTION_NAME_RULE}",
+            path=path,
+            line=line,
+            column=column,
+            fix="rename the value in the file, or give each institution its own file with data.institution_files",
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV reading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _CsvText:
+    path: str
+    header: tuple[str, ...]
+    rows: list[list[str]]
+    lines: list[int]  # 1-based line where each row starts
+
+
+def _read_csv_text(path: str | Path) -> _CsvText:
+    """Header and rows of a CSV, with structural checks: readable, UTF-8, a header, rows, equal field counts."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError("file not found", path=name, fix="check data.csv_path / data.institution_files") from None
+    except IsADirectoryError:
+        raise DataError("is a folder, not a CSV file", path=name) from None
+    except OSError as exc:
+        raise DataError(f"cannot be read: {exc.strerror or exc}", path=name) from None
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            "is not UTF-8 text", path=name, line=line, fix="save the file as CSV UTF-8 from the spreadsheet"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: tuple[str, ...] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    previous_end = 0
+    try:
+        for record in reader:
+            start = previous_end + 1
+            previous_end = reader.line_num
+            if not record:  # blank line: csv gives []; trailing blank lines are common
+                continue
+            if header is None:
+                header = tuple(cell.strip() for cell in record)
+                if start != 1:
+                    logger.info("%s: header found on line %d (blank lines before it)", name, start)
+                continue
+            if len(record) != len(header):
+                raise DataError(
+                    f"row has {len(record)} fields but the header has {len(header)}",
+                    path=name,
+                    line=start,
+                    fix="check for unquoted commas or a missing/extra separator on that line",
+                )
+            rows.append(record)
+            lines.append(start)
+    except csv.Error as exc:
+        raise DataError(f"is not valid CSV: {exc}", path=name, line=previous_end + 1) from None
+    if header is None:
+        raise DataError("is empty: no header row", path=name)
+    if not rows:
+        raise DataError("has a header but no data rows", path=name, line=1)
+    return _CsvText(name, header, rows, lines)
+
+
+def _missing_column_error(table: _CsvText, column: str, role: str) -> DataError:
+    suggestions = [h for h in table.header if h.lower() == column.lower() and h != column]
+    suggestions += [s for s in difflib.get_close_matches(column, table.header, n=3, cutoff=0.6) if s not in suggestions]
+    hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+    shown = ", ".join(repr(h) for h in table.header[:40])
+    if len(table.header) > 40:
+        shown += f", ... ({len(table.header) - 40} more)"
+    return DataError(
+        f"the {role} column {column!r} is not in the header{hint} The header has: {shown}",
+        path=table.path,
+        line=1,
+        column=column,
+    )
+
+
+def _column_index(table: _CsvText, column: str, role: str) -> int:
+    positions = [i for i, h in enumerate(table.header) if h == column]
+    if not positions:
+        raise _missing_column_error(table, column, role)
+    if len(positions) > 1:
+        raise DataError(
+            f"the header names column {column!r} {len(positions)} times; it is ambiguous",
+            path=table.path,
+            line=1,
+            column=column,
+        )
+    return positions[0]
+
+
+def _column_values(path: str, column: str) -> dict[str, int]:
+    """Distinct values of one column -> first line; blank or unusable values are errors."""
+    table = _read_csv_text(path)
+    index = _column_index(table, column, "institution")
+    first: dict[str, int] = {}
+    for row, line in zip(table.rows, table.lines, strict=True):
+        value = row[index].strip()
+        if value not in first:
+            if not value:
+                raise DataError("blank institution cell", path=path, line=line, column=column)
+            _check_institution_value(value, path, line, column)
+            first[value] = line
+    return first
+
+
+def _is_positive_default(value: str) -> bool:
+    return value.strip().lower() in LABEL_POSITIVE_DEFAULTS
+
+
+def _parse_labels(
+    raw: list[str], lines: list[int], *, positive: str | None, path: str, column: str
+) -> tuple[np.ndarray, str | None, str | None]:
+    """0/1 labels, the positive text and the negative text (None where not seen)."""
+    first_line: dict[str, int] = {}
+    for value, line in zip(raw, lines, strict=True):
+        if not value:
+            raise DataError(
+                "blank label: every row needs its churn label",
+                path=path,
+                line=line,
+                column=column,
+                fix="fill the label, or remove the row",
+            )
+        first_line.setdefault(value, line)
+    distinct = list(first_line)  # in order of first appearance
+    if positive is not None:
+        others = [v for v in distinct if v != positive]
+        if len(others) > 1:
+            near = [v for v in distinct if v.lower() == positive.lower() and v != positive]
+            hint = f" (labels are matched exactly: did you mean {near[0]!r}?)" if near else ""
+            raise DataError(
+                f"label value {others[1]!r} is neither the positive value {positive!r} nor the other value "
+                f"{others[0]!r}: a churn label has exactly two values{hint}",
+                path=path,
+                line=first_line[others[1]],
+                column=column,
+                fix="set data.schema.positive to the value that means churn, and use one other value",
+            )
+        negative = others[0] if others else None
+    else:
+        if len(distinct) > 2:
+            raise DataError(
+                f"label is not binary: more than 2 distinct values ({', '.join(repr(v) for v in distinct[:10])})",
+                path=path,
+                line=first_line[distinct[2]],
+                column=column,
+                fix="a churn label has exactly two values",
+            )
+        recognised = [v for v in distinct if _is_positive_default(v)]
+        if len(recognised) > 1 or (len(distinct) == 2 and not recognised):
+            raise DataError(
+                f"cannot tell which label value means churn: the values are {', '.join(repr(v) for v in distinct)}",
+                path=path,
+                column=column,
+                fix="set data.schema.positive to the value that means churn",
+            )
+        positive = recognised[0] if recognised else None
+        others = [v for v in distinct if v != positive]
+        negative = others[0] if others else None
+    labels = np.fromiter((v == positive for v in raw), dtype=np.int64, count=len(raw))
+    return labels, positive, negative
+
+
+def read_csv_table(
+    path: str | Path,
+    schema: SchemaConfig,
+    *,
+    institution: str,
+    missing_values: str,
+    require_label: bool = True,
+    institution_column: str | None = None,
+) -> RawTable:
+    """Read and check one institution's rows from a CSV.
+
+    With ``institution_column`` only the rows whose value there is ``institution`` are kept. With
+    ``require_label=False`` (scoring new customers) the label column may be absent, or present with every cell
+    blank; then ``labels`` is None.
+    """
+    if missing_values not in MISSING_POLICIES:
+        raise ConfigError("data.missing_values", missing_values, f"must be one of {', '.join(MISSING_POLICIES)}")
+    table = _read_csv_text(path)
+    name = table.path
+
+    # Columns: every declared one must be there; the rest is ignored, and said so.
+    numeric_idx = [_column_index(table, c, "numeric") for c in schema.numeric]
+    categorical_idx = [_column_index(table, c, "categorical") for c in schema.categorical]
+    has_label = schema.label in table.header or require_label
+    label_idx = _column_index(table, schema.label, "label") if has_label else None
+    inst_idx = _column_index(table, institution_column, "institution") if institution_column else None
+    used = {schema.label, *schema.numeric, *schema.categorical, *schema.drop}
+    if institution_column:
+        used.add(institution_column)
+    extra = [h for h in table.header if h not in used]
+    if extra:
+        logger.info("%s: ignoring columns not in the schema: %s", name, ", ".join(extra))
+
+    # Rows of this institution only.
+    rows, lines = table.rows, table.lines
+    if inst_idx is not None:
+        found: dict[str, int] = {}
+        kept_rows: list[list[str]] = []
+        kept_lines: list[int] = []
+        for row, line in zip(rows, lines, strict=True):
+            value = row[inst_idx].strip()
+            if not value:
+                raise DataError("blank institution cell", path=name, line=line, column=institution_column)
+            found.setdefault(value, line)
+            if value == institution:
+                kept_rows.append(row)
+                kept_lines.append(line)
+        if not kept_rows:
+            raise DataError(
+                f"no rows for institution {institution!r}",
+                path=name,
+                column=institution_column,
+                fix=f"institutions in the file: {', '.join(repr(v) for v in sorted(found))}",
+            )
+        rows, lines = kept_rows, kept_lines
+
+    # Labels.
+    labels: np.ndarray | None = None
+    positive_value: str | None = schema.positive
+    negative_value: str | None = None
+    if label_idx is not None:
+        raw_labels = [row[label_idx].strip() for row in rows]
+        if not require_label and not any(raw_labels):
+            logger.info("%s: label column %r is blank in every row; reading without labels", name, schema.label)
+        else:
+            labels, positive_value, negative_value = _parse_labels(
+                raw_labels, lines, positive=schema.positive, path=name, column=schema.label
+            )
+
+    # Features, row by row so the first bad value reported is the first in the file.
+    n = len(rows)
+    numeric = np.empty((n, len(numeric_idx)), dtype=np.float64)
+    categorical = np.empty((n, len(categorical_idx)), dtype=object)
+    allowed = [frozenset(values) for values in schema.categorical.values()]
+    categorical_names = list(schema.categorical)
+    blank_rows = np.zeros(n, dtype=bool)
+    blank_cells = 0
+    first_blank: tuple[int, str] | None = None
+    for r, (row, line) in enumerate(zip(rows, lines, strict=True)):
+        for j, idx in enumerate(numeric_idx):
+            cell = row[idx].strip()
+            if not cell:
+                numeric[r, j] = math.nan
+                blank_rows[r] = True
+                blank_cells += 1
+                first_blank = first_blank or (line, schema.numeric[j])
+                continue
+            try:
+                number = float(cell)
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise DataError(
+                    f"{cell!r} is not a finite number",
+                    path=name,
+                    line=line,
+                    column=schema.numeric[j],
+                    fix="numeric columns take plain numbers such as 42 or 3.5; leave a missing value blank, "
+                    "or declare the column under data.schema.categorical",
+                )
+            numeric[r, j] = number
+        for j, idx in enumerate(categorical_idx):
+            cell = row[idx].strip()
+            if not cell:
+                categorical[r, j] = None
+                blank_rows[r] = True
+                blank_cells += 1
+                first_blank = first_blank or (line, categorical_names[j])
+                continue
+            if cell not in allowed[j]:
+                column = categorical_names[j]
+                declared = ", ".join(repr(v) for v in schema.categorical[column])
+                raise DataError(
+                    f"{cell!r} is not a declared category; allowed: {declared}",
+                    path=name,
+                    line=line,
+                    column=column,
+                    fix=f"add it to data.schema.categorical.{column}, or correct the value",
+                )
+            categorical[r, j] = cell
+
+    # Blank cells, by the declared policy.
+    line_numbers = np.asarray(lines, dtype=np.int64)
+    rows_dropped = 0
+    if first_blank is not None:
+        if missing_values == "error":
+            raise DataError(
+                f"blank cell ({blank_cells} blank cell(s) in {int(blank_rows.sum())} row(s) in all)",
+                path=name,
+                line=first_blank[0],
+                column=first_blank[1],
+                fix="fill the cells, or set data.missing_values to 'drop' or 'impute'",
+            )
+        if missing_values == "drop":
+            keep = ~blank_rows
+            rows_dropped = int(blank_rows.sum())
+            if not keep.any():
+                raise DataError(
+                    f"every row of institution {institution!r} has a blank cell; none left after dropping them",
+                    path=name,
+                    fix="set data.missing_values to 'impute', or fill the cells",
+                )
+            numeric, categorical, line_numbers = numeric[keep], categorical[keep], line_numbers[keep]
+            labels = None if labels is None else labels[keep]
+            logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
+        else:
+            logger.info(
+                "%s (%s): %d blank cell(s) will be imputed from training medians / most frequent values",
+                name,
+                institution,
+                blank_cells,
+            )
+
+    if require_label and labels is not None and len(np.unique(labels)) < 2:
+        only = positive_value if labels[0] == 1 else negative_value
+        raise DataError(
+            f"label has only one value ({only!r}) at institution {institution!r}: churn prediction needs both "
+            "churned and retained customers",
+            path=name,
+            column=schema.label,
+            fix="check data.schema.positive and the institution's rows",
+        )
+    return RawTable(
+        institution=institution,
+        source=name,
+        numeric=numeric,
+        categorical=categorical,
+        labels=labels,
+        line_numbers=line_numbers,
+        schema=schema,
+        rows_dropped=rows_dropped,
+        positive_value=positive_value,
+        negative_value=negative_value,
+    )
+
+
+def write_csv(table: RawTable, path: str | Path, *, institution_column: str | None = None) -> None:
+    """Write the table as CSV that ``read_csv_table`` reads back to the same values (blank where missing)."""
+    schema = table.schema
+    positive = table.positive_value or schema.positive or "1"
+    negative = table.negative_value or ("0" if positive != "0" else "1")
+    header = [*schema.numeric, *schema.categorical]
+    if table.labels is not None:
+        header.append(schema.label)
+    if institution_column:
+        header.insert(0, institution_column)
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for r in range(table.n_rows):
+                cells = [_format_number(v) for v in table.numeric[r]]
+                cells += ["" if v is None else str(v) for v in table.categorical[r]]
+                if table.labels is not None:
+                    cells.append(positive if table.labels[r] == 1 else negative)
+                if institution_column:
+                    cells.insert(0, table.institution)
+                writer.writerow(cells)
+    except OSError as exc:
+        raise DataError(f"cannot be written: {exc.strerror or exc}", path=str(path)) from None
+
+
+def _format_number(value: float) -> str:
+    if math.isnan(value):
+        return ""
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # 45 rather than 45.0: easier to read, same value
+    return repr(float(value))  # shortest text that reads back to the same float
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic consortium
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticProfile:
+    """How one synthetic institution differs from the others."""
+
+    name: str
+    rows: int
+    churn_rate: float  # the target; the drawn labels hit it up to sampling noise
+    shifts: tuple[float, ...]  # latent feature mean shifts, in standard deviations
+
+
+_N_LATENT = 12  # age, tenure, salary, balance, credit score, products, activity, transactions,
+# complaints, login recency, utilisation, mortgage
+
+
+def synthetic_profile(synthetic: SyntheticConfig, index: int, *, seed: int) -> SyntheticProfile:
+    """Size, churn rate and feature shifts of institution ``index`` (0-based)."""
+    if not 0 <= index < synthetic.institutions:
+        raise ValueError(f"index {index} outside 0..{synthetic.institutions - 1}")
+    # Geometric spread: bank-01 is the largest, the last the smallest, so small banks always exist.
+    fraction = index / (synthetic.institutions - 1) if synthetic.institutions > 1 else 0.0
+    rows = round(math.exp(math.log(synthetic.max_rows) + fraction * math.log(synthetic.min_rows / synthetic.max_rows)))
+    rng = np.random.default_rng(derive_seed("synthetic-institution", seed, index))
+    churn_rate = float(rng.uniform(synthetic.churn_rate_min, synthetic.churn_rate_max))
+    shifts = rng.normal(0.0, synthetic.feature_shift, size=_N_LATENT + 2 + len(_REGIONS))
+    return SyntheticProfile(_synthetic_name(index), rows, churn_rate, tuple(float(s) for s in shifts))
+
+
+@dataclass(frozen=True)
+class _ChurnModel:
+    """Coefficients shared by the whole consortium: the same customer behaviour everywhere."""
+
+    complaints: float
+    inactive: float
+    login: float
+    inactive_login: float  # interaction: an inactive customer who has not logged in for long
+    products: tuple[float, float, float, float]  # U-shaped in the number of products
+    age_hump: float  # nonlinear: churn peaks around 50
+    tenure: float
+    no_balance: float
+    log_balance: float
+    credit_score: float
+    transactions: float
+    utilisation: float
+    female: float
+    mortgage: float
+    regions: tuple[float, ...]
+    card_tiers: tuple[float, ...]
+
+
+def _churn_model(seed: int) -> _ChurnModel:
+    rng = np.random.default_rng(derive_seed("synthetic-consortium", seed))
+
+    def jitter(value: float) -> float:
+        return float(value * rng.uniform(0.8, 1.2))  # seed-dependent strength, fixed direction
+
+    return _ChurnModel(
+        complaints=jitter(0.75),
+        inactive=jitter(0.8),
+        login=jitter(0.5),
+        inactive_login=jitter(0.5),
+        products=(jitter(0.3), jitter(-0.7), jitter(1.3), jitter(2.2)),
+        age_hump=jitter(1.2),
+        tenure=jitter(-0.3),
+        no_balance=jitter(-0.3),
+        log_balance=jitter(0.2),
+        credit_score=jitter(-0.2),
+        transactions=jitter(-0.7),
+        utilisation=jitter(-0.4),
+        female=jitter(0.25),
+        mortgage=jitter(-0.4),
+        regions=tuple(float(v) for v in rng.normal(0.0, 0.25, size=len(_REGIONS))),
+        card_tiers=(0.0, jitter(-0.1), jitter(-0.2), jitter(0.2)),
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))  # type: ignore[no-any-return]
+
+
+def _intercept_for_rate(score: np.ndarray, rate: float) -> float:
+    """The intercept b with mean(sigmoid(b + score)) == rate (monotone in b: bisection)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(_sigmoid(mid + score).mean()) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def generate_synthetic_institution(synthetic: SyntheticConfig, index: int, *, seed: int) -> RawTable:
+    """Institution ``index`` (0-based) of the seeded synthetic consortium, named ``bank-NN``.
+
+    Deterministic for (synthetic config, index, seed). The churn model is shared by all institutions; size,
+    churn rate, customer mix and region are each institution's own.
+    """
+    return _generate_synthetic(synthetic, index, seed=seed)[0]
+
+
+def _generate_synthetic(synthetic: SyntheticConfig, index: int, *, seed: int) -> tuple[RawTable, np.ndarray]:
+    """The table and each row's true churn probability (tests use it to check the signal's strength)."""
+    profile = synthetic_profile(synthetic, index, seed=seed)
+    model = _churn_model(seed)
+    rng = np.random.default_rng(derive_seed("synthetic-rows", seed, index))
+    n = profile.rows
+    shifts = np.asarray(profile.shifts)
+    z = rng.standard_normal((n, _N_LATENT)) + shifts[:_N_LATENT]
+
+    age = np.clip(np.round(41.0 + 11.0 * z[:, 0]), 18, 90)
+    tenure = np.clip(np.round((age - 18.0) * 12.0 * _sigmoid(z[:, 1] - 0.7)), 0, 480)
+    salary = np.round(np.exp(10.8 + 0.45 * z[:, 2] + 0.008 * (age - 40.0)), 2)
+    has_balance = _sigmoid(0.9 + 0.8 * z[:, 3]) > rng.random(n)
+    balance = np.where(has_balance, np.round(np.exp(9.3 + z[:, 3] + 0.5 * np.log(salary / 50_000.0)), 2), 0.0)
+    credit_score = np.clip(np.round(650.0 + 90.0 * z[:, 4]), 350, 850)
+    products = 1 + (z[:, 5] > 0.1).astype(np.int64) + (z[:, 5] > 1.6) + (z[:, 5] > 2.3)
+    active = z[:, 6] > 0.0
+    transactions = rng.poisson(np.exp(3.3 + 0.35 * z[:, 7] + 0.4 * active)).astype(np.float64)
+    complaints = rng.poisson(np.exp(-1.5 + 0.6 * z[:, 8])).astype(np.float64)
+    login_days = np.clip(np.round(np.exp(1.8 + 0.8 * z[:, 9] + 1.0 * ~active)), 0, 730)
+    utilisation = np.round(_sigmoid(-1.0 + 1.2 * z[:, 10]), 3)
+    mortgage = (z[:, 11] + 0.04 * (age - 40.0)) > 0.5
+    female = rng.random(n) < _sigmoid(np.full(n, shifts[_N_LATENT]))
+    tier_score = np.log(salary / 50_000.0) / 0.45 * 0.6 + rng.standard_normal(n) + shifts[_N_LATENT + 1]
+    tier = (tier_score > 1.0).astype(np.int64) + (tier_score > 1.7) + (tier_score > 2.4)
+    region_weights = np.exp(shifts[_N_LATENT + 2 :])
+    region = rng.choice(len(_REGIONS), size=n, p=region_weights / region_weights.sum())
+
+    login_c = np.log1p(login_days) - 2.3
+    score = (
+        model.complaints * complaints
+        + model.inactive * ~active
+        + model.login * login_c
+        + model.inactive_login * ~active * login_c
+        + np.asarray((0.0, *model.products))[products]
+        + model.age_hump * np.exp(-(((age - 52.0) / 9.0) ** 2))
+        + model.tenure * (tenure - 90.0) / 70.0
+        + model.no_balance * ~has_balance
+        + model.log_balance * np.where(has_balance, np.log1p(balance) - 9.3, 0.0)
+        + model.credit_score * (credit_score - 650.0) / 90.0
+        + model.transactions * (np.log1p(transactions) - 3.4) / 0.4
+        + model.utilisation * (utilisation - 0.27) / 0.2
+        + model.female * female
+        + model.mortgage * mortgage
+        + np.asarray(model.regions)[region]
+        + np.asarray(model.card_tiers)[tier]
+    )
+    probability = _sigmoid(_intercept_for_rate(score, profile.churn_rate) + score)
+    labels = (rng.random(n) < probability).astype(np.int64)
+
+    numeric = np.column_stack(
+        [
+            age,
+            tenure,
+            balance,
+            credit_score,
+            salary,
+            products.astype(np.float64),
+            transactions,
+            complaints,
+            login_days,
+            utilisation,
+        ]
+    ).astype(np.float64)
+    yes_no = np.array(["yes", "no"], dtype=object)
+    categorical = np.column_stack(
+        [
+            np.array(["F", "M"], dtype=object)[(~female).astype(np.int64)],
+            np.array(_REGIONS, dtype=object)[region],
+            np.array(_CARD_TIERS, dtype=object)[tier],
+            yes_no[(~active).astype(np.int64)],
+            yes_no[(~mortgage).astype(np.int64)],
+        ]
+    )
+    table = RawTable(
+        institution=profile.name,
+        source="synthetic",
+        numeric=numeric,
+        categorical=categorical,
+        labels=labels,
+        line_numbers=np.arange(2, n + 2, dtype=np.int64),  # as in the CSV write_csv would give
+        schema=SYNTHETIC_SCHEMA,
+        positive_value="yes",
+        negative_value="no",
+    )
+    return table, probability
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    train: RawTable
+    validation: RawTable
+    test: RawTable
+
+
+def _class_counts(n: int, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, validation, test) sizes for one class of n >= 3 rows, each >= 1."""
+    n_val = max(1, round(validation_fraction * n))
+    n_test = max(1, round(test_fraction * n))
+    while n - n_val - n_test < 1:  # rounding up both parts can leave training empty on tiny classes
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_institution(table: RawTable, *, validation_fraction: float, test_fraction: float, seed: int) -> Split:
+    """Seeded split, stratified by label: each part gets at least one churned and one retained customer."""
+    if not (0.0 < validation_fraction < 1.0 and 0.0 < test_fraction < 1.0 and validation_fraction + test_fraction < 1):
+        raise ConfigError(
+            "data.validation_fraction",
+            (validation_fraction, test_fraction),
+            "validation and test fractions must be in (0, 1) and sum to less than 1",
+        )
+    if table.labels is None:
+        raise DataError(
+            f"institution {table.institution!r} has no label column: it cannot be split for training",
+            path=table.source,
+            column=table.schema.label,
+        )
+    positives = int(table.labels.sum())
+    negatives = table.n_rows - positives
+    if positives < _MIN_PER_CLASS or negatives < _MIN_PER_CLASS:
+        raise DataError(
+            f"institution {table.institution!r} is too small to split: {table.n_rows} rows, {positives} churned and "
+            f"{negatives} retained; train, validation and test each need a churned and a retained customer, so at "
+            f"least {_MIN_PER_CLASS} of each are needed",
+            path=table.source,
+            fix="add rows, merge it with another institution's data at the source, or leave it out via "
+            "data.institutions",
+        )
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for cls in (0, 1):
+        members = np.flatnonzero(table.labels == cls)
+        rng.shuffle(members)
+        n_train, n_val, _ = _class_counts(len(members), validation_fraction, test_fraction)
+        parts[0].append(members[:n_train])
+        parts[1].append(members[n_train : n_train + n_val])
+        parts[2].append(members[n_train + n_val :])
+    # Sorted: each part keeps the file's row order, which makes errors and inspection easier.
+    train, validation, test = (table.take(np.sort(np.concatenate(p))) for p in parts)
+    return Split(train=train, validation=validation, test=test)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Scaling, imputation and one-hot encoding, fitted on one institution's training rows only."""
+
+    schema: SchemaConfig
+    means: tuple[float, ...]
+    stds: tuple[float, ...]  # population standard deviation (ddof=0); 1.0 where it was 0
+    medians: tuple[float, ...]  # fill values for blank numeric cells
+    modes: tuple[str, ...]  # fill values for blank categorical cells
+
+    @classmethod
+    def fit(cls, train: RawTable) -> Preprocessor:
+        schema = train.schema
+        means: list[float] = []
+        stds: list[float] = []
+        medians: list[float] = []
+        for j, column in enumerate(schema.numeric):
+            values = train.numeric[:, j]
+            values = values[~np.isnan(values)]
+            if values.size == 0:
+                raise DataError(
+                    f"every training row of institution {train.institution!r} is blank in this column: "
+                    "nothing to impute from",
+                    path=train.source,
+                    column=column,
+                    fix="fill the column, or remove it from data.schema.numeric",
+                )
+            std = float(values.std())
+            means.append(float(values.mean()))
+            stds.append(std if std > 0.0 and math.isfinite(std) else 1.0)  # a constant column: centre only
+            medians.append(float(np.median(values)))
+        modes: list[str] = []
+        for j, (column, categories) in enumerate(schema.categorical.items()):
+            counts = Counter(v for v in train.categorical[:, j] if v is not None)
+            if not counts:
+                raise DataError(
+                    f"every training row of institution {train.institution!r} is blank in this column: "
+                    "nothing to impute from",
+                    path=train.source,
+                    column=column,
+                    fix="fill the column, or remove it from data.schema.categorical",
+                )
+            best = max(counts.values())
+            modes.append(next(c for c in categories if counts.get(c, 0) == best))  # ties: declared order
+        return cls(schema, tuple(means), tuple(stds), tuple(medians), tuple(modes))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.schema.feature_names
+
+    def transform(self, table: RawTable) -> np.ndarray:
+        """float32 (n, len(feature_names)): standardised numeric columns, then one-hot categories."""
+        if table.schema != self.schema:
+            raise DataError(
+                f"table of institution {table.institution!r} follows a different schema than the preprocessor",
+                path=table.source,
+            )
+        n = table.n_rows
+        out = np.zeros((n, len(self.schema.feature_names)), dtype=np.float32)
+        k = len(self.schema.numeric)
+        if k:
+            numeric = np.where(np.isnan(table.numeric), np.asarray(self.medians), table.numeric)
+            out[:, :k] = (numeric - np.asarray(self.means)) / np.asarray(self.stds)
+        offset = k
+        rows = np.arange(n)
+        for j, (column, categories) in enumerate(self.schema.categorical.items()):
+            position = {c: i for i, c in enumerate(categories)}
+            try:
+                codes = np.fromiter(
+                    (position[self.modes[j] if v is None else v] for v in table.categorical[:, j]),
+                    dtype=np.int64,
+                    count=n,
+                )
+            except KeyError as exc:
+                raise DataError(
+                    f"{exc.args[0]!r} is not a declared category", path=table.source, column=column
+                ) from None
+            out[rows, offset + codes] = 1.0
+            offset += len(categories)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (for checkpoints); ``Preprocessor.from_dict(p.to_dict()) == p``."""
+        return {
+            "format": _PREPROCESSOR_FORMAT,
+            "version": _PREPROCESSOR_VERSION,
+            "schema": {
+                "label": self.schema.label,
+                "positive": self.schema.positive,
+                "numeric": list(self.schema.numeric),
+                "categorical": {k: list(v) for k, v in self.schema.categorical.items()},
+                "drop": list(self.schema.drop),
+            },
+            "means": list(self.means),
+            "stds": list(self.stds),
+            "medians": list(self.medians),
+            "modes": list(self.modes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessor:
+        """Inverse of ``to_dict``; a malformed dict is a DataError naming the key."""
+
+        def bad(key: str, rule: str) -> DataError:
+            return DataError(f"saved preprocessor: key {key!r} {rule}", fix="the file is damaged or not from fedchurn")
+
+        if not isinstance(d, Mapping):
+            raise bad("(top level)", f"must be a mapping, got {type(d).__name__}")
+        expected = {"format", "version", "schema", "means", "stds", "medians", "modes"}
+        missing = sorted(expected - set(d))
+        if missing:
+            raise bad(missing[0], "is missing")
+        unknown = sorted(str(k) for k in set(d) - expected)
+        if unknown:
+            raise bad(unknown[0], "is not a preprocessor key")
+        if d["format"] != _PREPROCESSOR_FORMAT:
+            raise bad("format", f"must be {_PREPROCESSOR_FORMAT!r}, got {d['format']!r}")
+        if d["version"] != _PREPROCESSOR_VERSION:
+            raise bad("version", f"must be {_PREPROCESSOR_VERSION}, got {d['version']!r}")
+        schema = _schema_from_dict(d["schema"], bad)
+        k = len(schema.numeric)
+        means = _finite_floats(d["means"], k, "means", bad)
+        stds = _finite_floats(d["stds"], k, "stds", bad)
+        if any(s <= 0.0 for s in stds):
+            raise bad("stds", "must hold positive numbers")
+        medians = _finite_floats(d["medians"], k, "medians", bad)
+        modes = d["modes"]
+        if not isinstance(modes, list) or len(modes) != len(schema.categorical):
+            raise bad("modes", f"must be a list of {len(schema.categorical)} category values")
+        for mode, (column, categories) in zip(modes, schema.categorical.items(), strict=True):
+            if mode not in categories:
+                raise bad("modes", f"holds {mode!r}, not a declared category of {column!r}")
+        return cls(schema, means, stds, medians, tuple(modes))
+
+
+def _finite_floats(value: Any, k: int, key: str, bad: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or len(value) != k:
+        raise bad(key, f"must be a list of {k} numbers")
+    out: list[float] = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(key, f"holds {v!r}, not a finite number")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _schema_from_dict(value: Any, bad: Any) -> SchemaConfig:
+    if not isinstance(value, Mapping):
+        raise bad("schema", "must be a mapping")
+    try:
+        label, positive = value["label"], value["positive"]
+        numeric, categorical, drop = value["numeric"], value["categorical"], value["drop"]
+    except KeyError as exc:
+        raise bad(f"schema.{exc.args[0]}", "is missing") from None
+    if not isinstance(label, str) or not (positive is None or isinstance(positive, str)):
+        raise bad("schema.label", "and schema.positive must be text")
+    for key, names in (("numeric", numeric), ("drop", drop)):
+        if not isinstance(names, list) or not all(isinstance(s, str) for s in names):
+            raise bad(f"schema.{key}", "must be a list of column names")
+    if not isinstance(categorical, Mapping) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in categorical.values()
+    ):
+        raise bad("schema.categorical", "must map column names to lists of category values")
+    try:
+        return SchemaConfig(
+            label=label,
+            positive=positive,
+            numeric=tuple(numeric),
+            categorical={str(k): tuple(v) for k, v in categorical.items()},
+            drop=tuple(drop),
+        )
+    except ConfigError as exc:
+        raise bad("schema", f"is not a valid schema: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# One institution, ready for training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedInstitution:
+    name: str
+    feature_names: tuple[str, ...]
+    x_train: np.ndarray  # float32 (n, len(feature_names))
+    y_train: np.ndarray  # float32 0/1 (n,)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    preprocessor: Preprocessor
+    missing_imputed: int = 0  # blank cells filled from the training medians / most frequent values
+    rows_dropped: int = 0  # rows dropped for blank cells (missing_values="drop")
+    source: str = field(default="")  # where the rows came from (file path or "synthetic")
+
+
+def prepare_institution(config: FedChurnConfig, institution: str) -> PreparedInstitution:
+    """Read, split, fit the preprocessor on the training rows, and transform the three parts."""
+    data = config.data
+    table = read_institution(data, institution, seed=config.seed)
+    split = split_institution(
+        table,
+        validation_fraction=data.validation_fraction,
+        test_fraction=data.test_fraction,
+        seed=derive_seed("split", config.seed, institution),  # by name: stable whatever the order of institutions
+    )
+    preprocessor = Preprocessor.fit(split.train)
+
+    def labels(part: RawTable) -> np.ndarray:
+        if part.labels is None:  # split_institution refuses unlabelled tables
+            raise DataError(f"institution {institution!r} has no labels", path=table.source)
+        return part.labels.astype(np.float32)
+
+    prepared = PreparedInstitution(
+        name=institution,
+        feature_names=preprocessor.feature_names,
+        x_train=preprocessor.transform(split.train),
+        y_train=labels(split.train),
+        x_val=preprocessor.transform(split.validation),
+        y_val=labels(split.validation),
+        x_test=preprocessor.transform(split.test),
+        y_test=labels(split.test),
+        preprocessor=preprocessor,
+        missing_imputed=table.n_blank,
+        rows_dropped=table.rows_dropped,
+        source=table.source,
+    )
+    logger.info(
+        "%s: %d train / %d validation / %d test rows, %d features, churn rate %.3f",
+        institution,
+        len(prepared.y_train),
+        len(prepared.y_val),
+        len(prepared.y_test),
+        len(prepared.feature_names),
+        table.n_positive / max(table.n_rows, 1),
+    )
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema inference for the quick start
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferredSchema:
+    schema: SchemaConfig
+    report: tuple[str, ...]  # one human line per column
+
+
+_ID_NAME = re.compile(r"(^id|id$|num$|number$|no$|key$|code$)", re.IGNORECASE)
+_INT_TEXT = re.compile(r"^[+-]?\d+$")
+_TEXT_ID_MIN_DISTINCT = 50
+
+
+def _looks_like_integer_id(column: str, values: list[str]) -> bool:
+    """All-unique integers that are also named like an id, count rows, or share a long fixed width."""
+    if len(values) < 20 or not all(_INT_TEXT.match(v) for v in values) or len(set(values)) != len(values):
+        return False
+    numbers = [int(v) for v in values]
+    if _ID_NAME.search(column.replace("_", "").replace(" ", "")):
+        return True
+    if max(numbers) - min(numbers) + 1 == len(numbers):  # a row counter
+        return True
+    widths = {len(v.lstrip("+-")) for v in values}
+    return len(widths) == 1 and widths.pop() >= 6  # fixed-width account / client numbers
+
+
+def infer_schema(
+    path: str | Path,
+    *,
+    label: str,
+    positive: str | None = None,
+    institution_column: str | None = None,
+    drop: Sequence[str] = (),
+    keep: Sequence[str] = (),
+) -> InferredSchema:
+    """Guess a schema from a CSV: numeric if every non-blank value is a number, else categorical.
+
+    Identifier-like columns are dropped and reported (``keep`` overrides that for the named columns). The
+    label must have exactly two values; the churn value is ``positive`` or recognised from
+    ``LABEL_POSITIVE_DEFAULTS``.
+    """
+    table = _read_csv_text(path)
+    name = table.path
+    label_idx = _column_index(table, label, "label")
+    inst_idx = _column_index(table, institution_column, "institution") if institution_column else None
+    if institution_column == label:
+        raise DataError("the label column cannot also be the institution column", path=name, column=label)
+    for column in [*drop, *keep]:
+        _column_index(table, column, "--drop" if column in drop else "--keep")
+    report: list[str] = []
+
+    # Label: exactly two values, one of which means churn.
+    first_line: dict[str, int] = {}
+    for row, line in zip(table.rows, table.lines, strict=True):
+        value = row[label_idx].strip()
+        if not value:
+            raise DataError("blank label: every row needs its churn label", path=name, line=line, column=label)
+        first_line.setdefault(value, line)
+    values = sorted(first_line)
+    shown = ", ".join(repr(v) for v in values[:10])
+    if len(values) != 2:
+        raise DataError(
+            f"label must have exactly 2 distinct values, found {len(values)}: {shown}",
+            path=name,
+            line=first_line[values[2]] if len(values) > 2 else None,
+            column=label,
+        )
+    if positive is not None:
+        if positive not in values:
+            raise DataError(
+                f"positive value {positive!r} is not a value of the label; its values are {shown}",
+                path=name,
+                column=label,
+                fix="pass --positive with one of them",
+            )
+    else:
+        recognised = [v for v in values if _is_positive_default(v)]
+        if len(recognised) != 1:
+            raise DataError(
+                f"cannot tell which label value means churn: the values are {shown}",
+                path=name,
+                column=label,
+                fix="pass --positive VALUE with the value that means churn",
+            )
+        positive = recognised[0]
+    n_positive = sum(1 for row in table.rows if row[label_idx].strip() == positive)
+    report.append(f"{label}: label (positive {positive!r}: {n_positive} of {len(table.rows)} rows)")
+    if inst_idx is not None and institution_column is not None:
+        institutions: set[str] = set()
+        for row, line in zip(table.rows, table.lines, strict=True):
+            value = row[inst_idx].strip()
+            if value not in institutions:
+                if not value:
+                    raise DataError("blank institution cell", path=name, line=line, column=institution_column)
+                _check_institution_value(value, name, line, institution_column)
+                institutions.add(value)
+        report.append(f"{institution_column}: institution column ({len(institutions)} institutions)")
+
+    numeric: list[str] = []
+    categorical: dict[str, tuple[str, ...]] = {}
+    dropped: list[str] = []
+    skip = {label_idx, inst_idx}
+    seen: set[str] = set()
+    for index, column in enumerate(table.header):
+        if index in skip:
+            continue
+        if column in seen:
+            raise DataError(f"the header names column {column!r} twice", path=name, line=1, column=column)
+        seen.add(column)
+        if column in drop:
+            dropped.append(column)
+            report.append(f"{column}: dropped (as asked)")
+            continue
+        cells = [row[index].strip() for row in table.rows]
+        present = [c for c in cells if c]
+        blanks = len(cells) - len(present)
+        blank_note = f", {blanks} blank cell(s)" if blanks else ""
+        if not present:
+            dropped.append(column)
+            report.append(f"{column}: dropped (every cell is blank)")
+            continue
+        if all(_is_finite_number(c) for c in present):
+            if column not in keep and _looks_like_integer_id(column, present):
+                dropped.append(column)
+                report.append(f"{column}: dropped (looks like an identifier: {len(present)} unique integers)")
+                continue
+            numeric.append(column)
+            report.append(f"{column}: numeric{' (' + blank_note[2:] + ')' if blanks else ''}")
+            continue
+        distinct = sorted(set(present))
+        if column not in keep and len(distinct) > _TEXT_ID_MIN_DISTINCT and len(distinct) > 0.5 * len(present):
+            dropped.append(column)
+            report.append(
+                f"{column}: dropped (looks like an identifier: {len(distinct)} distinct text values "
+                f"in {len(present)} rows)"
+            )
+            continue
+        categorical[column] = tuple(distinct)
+        report.append(f"{column}: categorical ({len(distinct)} values{blank_note})")
+    if not numeric and not categorical:
+        raise DataError(
+            "no feature columns left after dropping the label, institution and identifier columns", path=name
+        )
+    schema = SchemaConfig(
+        label=label, positive=positive, numeric=tuple(numeric), categorical=categorical, drop=tuple(dropped)
+    )
+    for entry in report:
+        logger.debug("%s: %s", name, entry)  # the caller shows the report; keep the log quiet
+    return InferredSchema(schema=schema, report=tuple(report))
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

@@ -1,0 +1,162 @@
+"""The ClientApp driven with real Flower messages, in process (no Ray): what leaves, what stays, what ε says."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from clients.app import make_client_app
+from clients.training import steps_per_round
+from server.app import initial_encoder
+from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
+from shared.data import prepare_institution, resolve_schema
+from shared.privacy import compute_epsilon, sample_rate_for
+from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def _config(tmp_path: Path, **privacy) -> FedChurnConfig:
+    base = default_config()
+    data = dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=500))
+    return dataclasses.replace(
+        base,
+        output_dir=str(tmp_path / "run"),
+        data=data,
+        rounds=3,
+        privacy=dataclasses.replace(base.privacy, **privacy),
+    )
+
+
+def _send(app, context: Context, arrays: dict, message_type: str, server_round: int) -> Message:
+    from flwr.app import ConfigRecord
+
+    content = RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})})
+    message = Message(content=content, dst_node_id=context.node_id, message_type=message_type)
+    reply = app(message, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply
+
+
+def _context(config: FedChurnConfig, partition: int = 0, run_id: int = 11) -> Context:
+    return Context(
+        run_id=run_id,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=config_to_run_config(config),
+    )
+
+
+def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    app = make_client_app()  # reads the run-config from the context, as under `flwr run`
+    context = _context(config)
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    heads = []
+    epsilons = []
+    for server_round in (1, 2, 3):
+        reply = _send(app, context, encoder, MessageType.TRAIN, server_round)
+        content = reply.content
+        assert set(content.array_records) == {"arrays"}
+        sent = from_array_record(content["arrays"])
+        assert set(sent) == set(encoder), "exactly the encoder's keys travel"
+        assert not any("head" in key for key in sent)
+        assert set(content.metric_records) == {"metrics"}
+        assert set(content["metrics"]) == set(TRAIN_METRICS)
+        assert set(content.config_records) == {"identity"}
+        assert dict(content["identity"]) == {"institution": "bank-01"}
+        epsilons.append(content["metrics"]["epsilon"])
+        heads.append(context.state["fedchurn.head"].to_torch_state_dict())
+        encoder = sent
+
+    # The head stayed, and kept learning across rounds.
+    assert not torch.equal(heads[0]["head.layers.0.weight"], heads[2]["head.layers.0.weight"])
+    # ε is cumulative: after k rounds it equals one accountant run over all k rounds' steps.
+    prepared = prepare_institution(config, "bank-01")
+    n = len(prepared.y_train)
+    q = sample_rate_for(dataset_size=n, batch_size=config.training.batch_size)
+    per_round = steps_per_round(
+        n_train=n, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
+    )
+    for k, epsilon in enumerate(epsilons, start=1):
+        expected = compute_epsilon(
+            noise_multiplier=config.privacy.noise_multiplier, sample_rate=q, steps=k * per_round, delta=1e-5
+        )
+        assert epsilon == pytest.approx(expected, rel=1e-9)
+    assert epsilons[0] < epsilons[1] < epsilons[2] < 3 * epsilons[0]
+
+    # The institution's disk mirrors its state: head and the whole accountant history.
+    folder = Path(config.output_dir) / "institutions" / "bank-01"
+    privacy = json.loads((folder / "privacy.json").read_text())
+    assert privacy["rounds_trained"] == 3
+    assert privacy["epsilon"] == pytest.approx(epsilons[-1])
+    assert sum(step["steps"] for step in privacy["accountant_state"]["history"]) == 3 * per_round
+    assert (folder / "head.pt").is_file() and (folder / "preprocessor.json").is_file()
+
+    evaluation = _send(app, context, encoder, MessageType.EVALUATE, 3).content
+    assert set(evaluation.array_records) == set(), "evaluation sends no weights back"
+    assert set(evaluation["metrics"]) == set(EVALUATE_METRICS)
+    assert evaluation["metrics"]["epsilon"] == pytest.approx(epsilons[-1])
+    assert 0.0 <= evaluation["metrics"]["auc"] <= 1.0  # 3 noisy rounds on 300 rows: quality is checked elsewhere
+
+
+def test_restarted_node_resumes_accounting_from_its_disk(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    app = make_client_app()
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    first = _send(app, _context(config), encoder, MessageType.TRAIN, 1).content["metrics"]
+    # A new process: empty context.state, same run, same institution folder.
+    second = _send(app, _context(config), encoder, MessageType.TRAIN, 2).content["metrics"]
+    assert second["total-steps"] == 2 * first["total-steps"]
+    assert second["epsilon"] > first["epsilon"]
+    # Another run in the same folder starts its own accounting.
+    other_run = _send(app, _context(config, run_id=12), encoder, MessageType.TRAIN, 1).content["metrics"]
+    assert other_run["total-steps"] == first["total-steps"]
+
+
+def test_target_epsilon_is_met_over_the_whole_run(tmp_path: Path) -> None:
+    config = _config(tmp_path, noise_multiplier=None, target_epsilon=2.0)
+    app = make_client_app(config_to_run_config(config))
+    context = _context(config, partition=1)
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    for server_round in range(1, config.rounds + 1):
+        metrics = _send(app, context, encoder, MessageType.TRAIN, server_round).content["metrics"]
+    assert metrics["epsilon"] <= 2.0
+    assert metrics["epsilon"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_same_seed_same_update(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    replies = []
+    for run_id in (21, 22):
+        app = make_client_app(config_to_run_config(config))
+        replies.append(
+            from_array_record(
+                _send(app, _context(config, run_id=run_id), encoder, MessageType.TRAIN, 1).content["arrays"]
+            )
+        )
+    for key in replies[0]:
+        np.testing.assert_array_equal(replies[0][key], replies[1][key])
+
+
+def test_no_dp_run_reports_no_epsilon(tmp_path: Path) -> None:
+    config = _config(tmp_path, enabled=False)
+    app = make_client_app()
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    metrics = _send(app, _context(config), encoder, MessageType.TRAIN, 1).content["metrics"]
+    assert metrics["epsilon"] == float("inf")
+    assert metrics["noise-multiplier"] == 0.0
