@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import fnmatch
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from shared.config import (
     dump_config,
     load_config,
     parse_override,
+    resolve_paths,
 )
 from shared.errors import ConfigError, FedChurnError
 
@@ -79,7 +82,7 @@ def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedCh
     ]
     if missing:
         raise ConfigError("--data", args.data, f"also needs {' and '.join(missing)}")
-    drop = tuple(c.strip() for c in args.drop.split(",") if c.strip())
+    drop = _expand_columns(args.data, [c.strip() for c in args.drop.split(",") if c.strip()])
     inferred = infer_schema(
         args.data, label=args.label, positive=args.positive, institution_column=args.institution_column, drop=drop
     )
@@ -97,6 +100,24 @@ def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedCh
     return dataclasses.replace(base, data=data)
 
 
+def _expand_columns(path: str, patterns: list[str]) -> tuple[str, ...]:
+    """``--drop CLIENTNUM,Naive_Bayes*``: shell-style patterns matched against the CSV's header."""
+    if not any(ch in p for p in patterns for ch in "*?["):
+        return tuple(patterns)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), [])
+    except OSError:
+        return tuple(patterns)  # the checked reader reports the problem with the file
+    names: list[str] = []
+    for pattern in patterns:
+        matched = fnmatch.filter(header, pattern) if any(ch in pattern for ch in "*?[") else [pattern]
+        if not matched:
+            raise ConfigError("--drop", pattern, f"matches no column of {path}")
+        names.extend(m for m in matched if m not in names)
+    return tuple(names)
+
+
 def _resolve_config(args: argparse.Namespace) -> FedChurnConfig:
     config = load_config(args.config) if args.config else default_config()
     if args.data:
@@ -108,7 +129,8 @@ def _resolve_config(args: argparse.Namespace) -> FedChurnConfig:
         if value is not None:
             overrides[key] = value
     if overrides:
-        config = apply_overrides(config, overrides)
+        # Paths given on the command line are relative to where the command runs.
+        config = resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
     if args.save_config:
         Path(args.save_config).write_text(dump_config(config), encoding="utf-8")
         print(f"Config written to {args.save_config}")

@@ -405,7 +405,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = None
-            if isinstance(value, str):
+            if isinstance(value, str) and _looks_like_float(value):
                 hint = "YAML reads 1e-5 as text: write 1.0e-5"
             raise ConfigError(key, value, "must be a number", hint)
         if not math.isfinite(value):

@@ -38,3 +38,12 @@ def privacy_vectors() -> list[dict[str, Any]]:
     if not isinstance(vectors, list) or not vectors:
         raise ValueError(f"{path} must hold a non-empty JSON list of vectors")
     return vectors
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_quiet_environment() -> None:
+    """No telemetry, no runtime dependency installs, short Ray socket paths: for every test."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_TMPDIR", "/tmp/fcray")

@@ -1,0 +1,44 @@
+"""The product on real public churn tables (skipped when the data folder is absent)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from shared.config import apply_overrides, load_config
+from shared.simulation import plan_simulation, run_simulation
+
+CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
+TABLES = {"bankchurners.yaml": "BankChurners.csv", "telco.yaml": "Telco-Customer-Churn.csv"}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_example_configs_load(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    assert config.data.source == "csv" and config.data.schema is not None
+
+
+@pytest.mark.parametrize(("name", "institutions"), [("bankchurners.yaml", 6), ("telco.yaml", 3)])
+def test_every_institution_passes_the_checks(real_data_dir: Path, tmp_path: Path, name: str, institutions: int) -> None:
+    config = apply_overrides(
+        load_config(CONFIGS / name),
+        {"data.csv_path": str(real_data_dir / TABLES[name]), "output_dir": str(tmp_path)},
+    )
+    plan = plan_simulation(config)  # reads, checks, splits and preprocesses every institution
+    assert len(plan.institutions) == institutions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_federation_on_real_data(real_data_dir: Path, tmp_path: Path, name: str) -> None:
+    config = apply_overrides(
+        load_config(CONFIGS / name),
+        {"data.csv_path": str(real_data_dir / TABLES[name]), "output_dir": str(tmp_path)},
+    )
+    config = dataclasses.replace(config, simulation=dataclasses.replace(config.simulation, ray_num_cpus=2))
+    summary = run_simulation(plan_simulation(config))
+    for institution, metrics in summary["institutions"].items():
+        assert metrics["auc"] > 0.65, institution
+        assert 0 < metrics["epsilon"] < 10
