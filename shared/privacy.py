@@ -36,6 +36,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader
 
+from shared import dp_sgd
 from shared.config import PrivacyConfig
 from shared.errors import PrivacyError
 
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+IMPLEMENTATIONS = ("opacus", "vectorized")  # two implementations of one DP-SGD mechanism
 
 # Opacus' PRV accountant discretises the privacy loss on a grid whose size grows with ε and the step count; at
 # extreme ε (σ far too small) it needs billions of points and gets the process killed. Above this many points we
@@ -397,6 +399,9 @@ class PrivateTraining:
         """
         if self._finished is not None:
             return self._finished
+        if isinstance(self._engine, _VectorizedRun):
+            self._finished = self._engine.finish()
+            return self._finished
         accountant = self._engine.accountant
         history = tuple(
             MechanismStep(noise_multiplier=float(sigma), sample_rate=float(q), steps=int(steps))
@@ -418,6 +423,7 @@ def make_private(
     clipping_norm: float,
     state: AccountantState,
     generator: torch.Generator | None = None,
+    implementation: str = "opacus",
 ) -> PrivateTraining:
     """Wrap module, optimizer and data loader for DP-SGD, continuing the composition history in ``state``.
 
@@ -432,7 +438,14 @@ def make_private(
     generator is a generator on that device seeded from ``generator``. Without ``generator``, sampling uses
     ``data_loader.generator`` if set and otherwise, like the noise, torch's global RNG (``torch.manual_seed``).
     ``secure_mode`` is off: pseudo-random noise is fine for research, not for a production guarantee.
+
+    ``implementation="vectorized"`` runs the same mechanism without Opacus' per-sample hooks (``shared/dp_sgd.py``:
+    exact per-row norms for MLPs); a model it cannot handle falls back to Opacus, with a log line.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise PrivacyError(
+            f"privacy.implementation = {implementation!r}: must be one of {', '.join(IMPLEMENTATIONS)}"
+        )
     if not _is_number(noise_multiplier) or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
         raise PrivacyError(f"noise_multiplier = {noise_multiplier!r}: must be a finite number >= 0")
     if not _is_number(clipping_norm) or not math.isfinite(clipping_norm) or clipping_norm <= 0:
@@ -449,6 +462,19 @@ def make_private(
         raise ValueError("module is already wrapped by Opacus: pass the plain module (see unwrap)")
     if len(data_loader) == 0:
         raise PrivacyError("the data loader yields no batches: the institution has no training rows")
+
+    if implementation == "vectorized":
+        if dp_sgd.supports(module):
+            return _make_private_vectorized(
+                module=module,
+                optimizer=optimizer,
+                data_loader=data_loader,
+                noise_multiplier=float(noise_multiplier),
+                clipping_norm=float(clipping_norm),
+                state=state,
+                generator=generator,
+            )
+        logger.info("the model has layers the vectorized engine does not handle: using Opacus' hooks")
 
     noise_generator = generator
     parameter = next(module.parameters(), None)
@@ -502,6 +528,57 @@ def make_private(
         sample_rate=sample_rate,
         noise_multiplier=float(noise_multiplier),
         _engine=engine,
+    )
+
+
+@dataclass
+class _VectorizedRun:
+    optimizer: dp_sgd.VectorizedDPOptimizer
+    state: AccountantState
+    noise_multiplier: float
+    sample_rate: float
+
+    def finish(self) -> AccountantState:
+        self.optimizer.detach()
+        return self.state.with_steps(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.optimizer.steps
+        )
+
+
+def _make_private_vectorized(
+    *,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    noise_multiplier: float,
+    clipping_norm: float,
+    state: AccountantState,
+    generator: torch.Generator | None,
+) -> PrivateTraining:
+    # Opacus' own conventions, so both engines are one mechanism: q = 1 / len(loader), 1/q steps per epoch,
+    # expected batch size int(n q).
+    steps = len(data_loader)
+    sample_rate = 1.0 / steps
+    size = len(data_loader.dataset)  # type: ignore[arg-type]
+    rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    private_optimizer = dp_sgd.VectorizedDPOptimizer(
+        module,
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        clipping_norm=clipping_norm,
+        expected_batch_size=max(1, int(size * sample_rate)),
+        generator=rng,
+    )
+    loader = dp_sgd.PoissonBatches(data_loader.dataset, sample_rate=sample_rate, steps=steps, generator=rng)
+    return PrivateTraining(
+        module=module,
+        optimizer=private_optimizer,  # type: ignore[arg-type]
+        data_loader=loader,  # type: ignore[arg-type]
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        _engine=_VectorizedRun(
+            optimizer=private_optimizer, state=state, noise_multiplier=noise_multiplier, sample_rate=sample_rate
+        ),
     )
 
 
