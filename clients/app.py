@@ -14,8 +14,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.budget import BudgetDeclined
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
 from shared.config import FedChurnConfig, config_from_run_config
+from shared.decline import decline_content
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -54,17 +56,21 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-        result = train_round(
-            institution,
-            encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
-            server_round=int(round_config.get("server-round", 0)),  # type: ignore[arg-type]
-            proximal_mu=float(round_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-            run_id=context.run_id,
-            context_state=context.state,
-        )
+        try:
+            result = train_round(
+                institution,
+                encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
+                server_round=int(round_config.get("server-round", 0)),  # type: ignore[arg-type]
+                proximal_mu=float(round_config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+                run_id=context.run_id,
+                context_state=context.state,
+            )
+        except BudgetDeclined as declined:  # its privacy budget allows no further round: say so (shared/decline.py)
+            return Message(content=decline_content(institution.name, declined.decline), reply_to=msg)
         content = RecordDict(
             {
-                ARRAYS_KEY: to_array_record(result.encoder),
+                # transfer.mode 'frozen' sends nothing back: no array record at all
+                **({ARRAYS_KEY: to_array_record(result.encoder)} if result.encoder else {}),
                 METRICS_KEY: whitelisted_metrics(result.metrics, TRAIN_METRICS),
                 IDENTITY_KEY: identity_record(institution.name),
             }

@@ -19,14 +19,18 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
+from clients.budget import check_budget, record_round
 from clients.evaluation import evaluate
 from clients.state import InstitutionState, StateStore
-from clients.training import steps_per_round, train_locally
+from clients.training import steps_per_round
+from clients.transfer import train_round_phases
 from shared.config import FedChurnConfig, config_to_dict
 from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
 from shared.errors import FedChurnError
-from shared.model import ChurnModel, build_model, encoder_arrays, head_state, load_encoder_arrays, load_head_state
+from shared.model import ChurnModel, build_model, head_state, load_head_state
 from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
+from shared.sharing import load_shared_arrays, outgoing_arrays
+from shared.transfer import epochs_per_round
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +143,13 @@ def train_round(
     """Fine-tune on local data from the sent encoder; keep the head; report the encoder and cumulative ε."""
     config = institution.config
     data = load_data(institution)
-    store = StateStore(institution.state_dir, run_id=run_id, accountant=config.privacy.accountant)
+    # Keyed by the fedchurn run name when set: a resumed run continues this institution's accounting.
+    store = StateStore(
+        institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
+    )
     state = store.load(context_state)
     model = _build_model(institution, data, state)
-    load_encoder_arrays(model, encoder)
+    load_shared_arrays(model, encoder, mode=config.transfer.mode)
 
     n_train = len(data.y_train)
     sample_rate = sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size)
@@ -150,17 +157,21 @@ def train_round(
         check_delta(delta=config.privacy.delta, dataset_size=n_train)
         if state.noise_multiplier is None:
             per_round = steps_per_round(
-                n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
+                n_train=n_train, batch_size=config.training.batch_size, local_epochs=epochs_per_round(config)
             )
             state.noise_multiplier = resolve_noise_multiplier(
                 config.privacy, sample_rate=sample_rate, total_steps=per_round * config.rounds
             )
-    report = train_locally(
+    round_steps = steps_per_round(
+        n_train=n_train, batch_size=config.training.batch_size, local_epochs=epochs_per_round(config)
+    )
+    # Declines (raises BudgetDeclined) when this round would take ε past the institution's budget.
+    check_budget(institution, state, server_round=server_round, sample_rate=sample_rate, steps=round_steps)
+    report = train_round_phases(
         model,
         data.x_train,
         data.y_train,
-        training=config.training,
-        privacy=config.privacy,
+        config=config,
         accountant=state.accountant,
         noise_multiplier=state.noise_multiplier or 0.0,
         proximal_mu=proximal_mu,
@@ -172,6 +183,17 @@ def train_round(
     state.last_epsilon = report.epsilon
     state.preprocessor = data.preprocessor.to_dict()
     store.save(state, context_state)
+    record_round(
+        institution,
+        state,
+        run_id=run_id,
+        server_round=server_round,
+        noise_multiplier=report.noise_multiplier,
+        sample_rate=report.sample_rate,
+        steps=report.steps,
+        dataset_size=n_train,
+        epsilon=report.epsilon,
+    )
     logger.info(
         "%s round %d: loss %.4f, epsilon %.3f after %d steps",
         institution.name,
@@ -190,7 +212,7 @@ def train_round(
         "steps": float(report.steps),
         "total-steps": float(report.accountant.total_steps),
     }
-    return TrainResult(encoder=encoder_arrays(model), metrics=metrics)
+    return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics)
 
 
 def evaluate_round(
@@ -199,9 +221,11 @@ def evaluate_round(
     """Global encoder + this institution's own head, on its own validation and test rows."""
     config = institution.config
     data = load_data(institution)
-    state = StateStore(institution.state_dir, run_id=run_id, accountant=config.privacy.accountant).load(context_state)
+    state = StateStore(
+        institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
+    ).load(context_state)
     model = _build_model(institution, data, state)
-    load_encoder_arrays(model, encoder)
+    load_shared_arrays(model, encoder, mode=config.transfer.mode)
     test = evaluate(model, data.x_test, data.y_test)
     validation = evaluate(model, data.x_val, data.y_val)
     privacy_on = config.privacy.enabled

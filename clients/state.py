@@ -32,7 +32,7 @@ _CONTEXT_PRIVACY = "fedchurn.privacy"
 class InstitutionState:
     """One institution's memory across rounds of one run."""
 
-    run_id: int
+    run_id: int | str  # Flower's run id, or the fedchurn run name (federation.run_name)
     accountant: AccountantState
     head: dict[str, torch.Tensor] | None = None
     noise_multiplier: float | None = None  # fixed for the whole run once derived
@@ -53,7 +53,7 @@ class InstitutionState:
 class StateStore:
     """Loads and saves an institution's state: ``context.state`` first, then its folder on disk."""
 
-    def __init__(self, folder: Path, *, run_id: int, accountant: str) -> None:
+    def __init__(self, folder: Path, *, run_id: int | str, accountant: str) -> None:
         self.folder = folder
         self.run_id = run_id
         self.accountant = accountant
@@ -113,7 +113,7 @@ class StateStore:
     def _state_from(self, values: dict[str, Any], head: dict[str, torch.Tensor] | None) -> InstitutionState:
         accountant = AccountantState.from_dict(values["accountant_state"])
         return InstitutionState(
-            run_id=int(values["run_id"]),
+            run_id=values["run_id"],
             accountant=accountant,
             head=head,
             noise_multiplier=values.get("noise_multiplier"),

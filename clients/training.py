@@ -7,7 +7,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,12 +49,18 @@ def train_locally(
     noise_multiplier: float,
     proximal_mu: float = 0.0,
     seed: int,
+    parts: Literal["all", "head", "encoder"] = "all",
 ) -> TrainReport:
-    """One round of local training. ``model`` is trained in place (its unwrapped parameters)."""
+    """One round of local training. ``model`` is trained in place (its unwrapped parameters).
+
+    ``parts`` says which parameters learn (the transfer mode's phases, clients/transfer.py); the others are fixed.
+    """
     torch.manual_seed(seed)  # dropout; sampling and noise use `generator` below
     n_train = len(y_train)
     for parameter in model.encoder.parameters():
-        parameter.requires_grad_(training.train_encoder)
+        parameter.requires_grad_(parts in ("all", "encoder"))
+    for parameter in model.head.parameters():
+        parameter.requires_grad_(parts in ("all", "head"))
     global_encoder = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
@@ -77,6 +83,7 @@ def train_locally(
             clipping_norm=privacy.clipping_norm,
             state=accountant,
             generator=generator,
+            implementation=privacy.implementation,
         )
         module, optimizer, loader = private.module, private.optimizer, private.data_loader
 

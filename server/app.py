@@ -14,11 +14,15 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from server.privacy_oversight import PrivacyOversight
 from server.report import RunRecorder
+from server.resume import ResumableRun
 from server.strategy import make_strategy
 from shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
 from shared.data import derive_seed, resolve_schema
-from shared.model import build_model, encoder_arrays, load_encoder_checkpoint, save_encoder_checkpoint
+from shared.model import build_model, encoder_arrays, save_encoder_checkpoint
+from shared.provenance import load_checked_encoder
+from shared.sharing import initial_shared_arrays, save_global_head, split_shared
 from shared.wire import from_array_record, to_array_record
 
 logger = logging.getLogger(__name__)
@@ -30,7 +34,7 @@ ENCODER_FILE = "encoder.pt"
 def initial_encoder(config: FedChurnConfig, feature_names: tuple[str, ...]) -> dict[str, Any]:
     """The encoder of round 1: a checked checkpoint when the config names one, else seeded random weights."""
     if config.model.encoder_checkpoint:
-        return load_encoder_checkpoint(config.model.encoder_checkpoint, model=config.model, feature_names=feature_names)
+        return load_checked_encoder(config, feature_names)  # weights, schema and provenance checked
     torch.manual_seed(derive_seed(config.seed, "encoder"))
     return encoder_arrays(build_model(config.model, input_dim=len(feature_names)))
 
@@ -43,31 +47,50 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
     feature_names = resolve_schema(config.data).feature_names
     encoder = initial_encoder(config, feature_names)
+    # Read before the recorder truncates rounds.jsonl: the checkpoint to continue from (federation.resume).
+    resumable = ResumableRun.prepare(config, output_dir, flower_run_id=run_id)
 
     recorder = RunRecorder(output_dir, rounds=config.rounds)
-    strategy = make_strategy(config.strategy, observer=recorder, min_available=config.strategy.min_replies)
-    result = strategy.start(  # type: ignore[attr-defined]
+    strategy = make_strategy(
+        config.strategy,
+        observer=recorder,
+        min_available=config.strategy.min_replies,
+        transfer_mode=config.transfer.mode,
+    )
+    oversight = PrivacyOversight(config, output_dir, run_id=run_id)  # declines, consortium ledger, institution DP
+    result = resumable.attach(recorder, oversight.wrap(strategy)).start(
         grid=grid,
-        initial_arrays=to_array_record(encoder),
-        num_rounds=config.rounds,
+        initial_arrays=to_array_record(
+            resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
+        ),
+        num_rounds=resumable.remaining_rounds,
         timeout=config.strategy.round_timeout_s,
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
-        evaluate_fn=recorder.round_finished,
+        evaluate_fn=resumable.round_finished,  # the recorder's end of round, then the server checkpoint
     )
-    final = from_array_record(result.arrays) if len(result.arrays) else encoder
+    final = from_array_record(result.arrays) if len(result.arrays) else resumable.arrays_or(encoder)
+    final, global_head = split_shared(final)  # the head is shared only in transfer.mode 'fedavg'
+    if global_head:
+        save_global_head(output_dir, global_head)
     save_encoder_checkpoint(
         output_dir / ENCODER_FILE,
         final,
         model=config.model,
         feature_names=feature_names,
-        metadata={"run_id": run_id, "rounds": recorder.completed_rounds, "origin": "federated"},
+        metadata={
+            "run_id": run_id,
+            "rounds": recorder.completed_rounds,
+            "origin": "federated",
+            "transfer_mode": config.transfer.mode,
+        },
     )
     summary = recorder.summary(
         extra={
             "run_id": run_id,
             "seconds": round(time.perf_counter() - started, 3),
             "strategy": config.strategy.name,
+            **oversight.summary(),  # budget (who stopped, when, at what ε), institution_dp, consortium_ledger
             "privacy": {
                 "enabled": config.privacy.enabled,
                 "unit": "one customer row",

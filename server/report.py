@@ -41,6 +41,17 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _finite_only(value: Any) -> Any:
+    """Nested dicts and lists with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, Mapping):
+        return {k: _finite_only(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_only(v) for v in value]
+    return value
+
+
 class RunRecorder:
     """Observes the strategy; writes ``rounds.jsonl`` as rounds finish and ``summary.json`` at the end."""
 
@@ -127,6 +138,32 @@ class RunRecorder:
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         tmp.replace(path)
         return path
+
+    # --- resume (server/resume.py checkpoints this after every round) ------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The records so far, as JSON-safe values (non-finite numbers become null)."""
+        return _finite_only(
+            {
+                "latest": self.latest,
+                "trained": self.trained,
+                "dropped": self.dropped,
+                "completed_rounds": self.completed_rounds,
+                "round_seconds": self._round_seconds,
+            }
+        )
+
+    def restore_state(self, state: Mapping[str, Any], round_lines: list[str]) -> None:
+        """Continue from an earlier run's records; ``rounds.jsonl`` gets its lines back, then grows as before."""
+        self.latest = {
+            name: {**entry, "epsilon": math.inf if entry.get("epsilon") is None else entry["epsilon"]}
+            for name, entry in state["latest"].items()
+        }
+        self.trained = dict(state["trained"])
+        self.dropped = list(state["dropped"])
+        self.completed_rounds = int(state["completed_rounds"])
+        self._round_seconds = [float(s) for s in state["round_seconds"]]
+        self._rounds_path.write_text("".join(line + "\n" for line in round_lines), encoding="utf-8")
 
     def _record_dropped(self, server_round: int, phase: str, dropped: list[DroppedReply]) -> None:
         for item in dropped:

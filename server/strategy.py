@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from shared.config import StrategyConfig
+from shared.transfer import outside_mode, replies_carry_arrays
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -109,6 +110,7 @@ class EncoderAggregation:
     observer: RoundObserver | None = None
     max_update_norm: float | None = None
     min_replies: int = 1
+    transfer_mode: str = "finetune"  # shared/transfer.py: which arrays replies carry and what is aggregated
     _reference: dict[str, np.ndarray] | None = None
 
     def configure_train(
@@ -120,7 +122,8 @@ class EncoderAggregation:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted, dropped = self._screen(replies, allowed=TRAIN_METRICS, with_arrays=True)
+        with_arrays = replies_carry_arrays(self.transfer_mode)
+        accepted, dropped = self._screen(replies, allowed=TRAIN_METRICS, with_arrays=with_arrays)
         if self.observer is not None:
             self.observer.on_train(server_round, accepted, dropped)
         if len(accepted) < self.min_replies:
@@ -130,6 +133,8 @@ class EncoderAggregation:
                 len(accepted),
                 self.min_replies,
             )
+            return None, None
+        if not with_arrays:  # transfer.mode 'frozen': the encoder stays as sent, nothing to aggregate
             return None, None
         return super().aggregate_train(server_round, [r.message for r in accepted])  # type: ignore[misc,no-any-return]
 
@@ -173,13 +178,19 @@ class EncoderAggregation:
             return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)}"
         problem = check_metrics(content.metric_records[METRICS_KEY], allowed)
         if problem or not with_arrays:
+            if problem is None and content.array_records:
+                return f"arrays sent where none are expected: {sorted(content.array_records)}"
             return problem
         if set(content.array_records) != {ARRAYS_KEY}:
             return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
         if self._reference is None:
             return "no encoder was sent this round"
+        arrays = from_array_record(content.array_records[ARRAYS_KEY])
+        not_shared = outside_mode(list(arrays), self.transfer_mode)
+        if not_shared:
+            return f"unexpected {not_shared[:8]}: parameters that transfer.mode {self.transfer_mode!r} does not share"
         return check_encoder_update(
-            from_array_record(content.array_records[ARRAYS_KEY]),
+            arrays,
             self._reference,
             max_update_norm=self.max_update_norm,
         )
@@ -197,7 +208,13 @@ class ValidatedFedAdam(EncoderAggregation, FedAdam):
     """Server-side Adam on the averaged encoder update."""
 
 
-def make_strategy(config: StrategyConfig, *, observer: RoundObserver | None, min_available: int) -> EncoderAggregation:
+def make_strategy(
+    config: StrategyConfig,
+    *,
+    observer: RoundObserver | None,
+    min_available: int,
+    transfer_mode: str = "finetune",
+) -> EncoderAggregation:
     """The configured strategy, validating replies and reporting to ``observer``."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
@@ -226,4 +243,5 @@ def make_strategy(config: StrategyConfig, *, observer: RoundObserver | None, min
     strategy.observer = observer
     strategy.max_update_norm = config.max_update_norm
     strategy.min_replies = config.min_replies
+    strategy.transfer_mode = transfer_mode
     return strategy

@@ -10,11 +10,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shared.commands import config_cmd, simulate
+from shared.commands import audit_cmd, config_cmd, privacy_cmd, simulate
+from shared.commands.federated import FEDERATION_COMMANDS
+from shared.commands.transfer import TRANSFER_COMMANDS
 from shared.errors import FedChurnError
 
 EXIT_USER_ERROR = 2
-COMMANDS = (simulate, config_cmd)
+COMMANDS = (simulate, config_cmd, privacy_cmd, audit_cmd, *FEDERATION_COMMANDS, *TRANSFER_COMMANDS)
 
 
 def _build_parser() -> argparse.ArgumentParser:

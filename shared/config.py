@@ -191,7 +191,6 @@ class TrainingConfig:
     learning_rate: float = 0.1
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.9  # sgd only
-    train_encoder: bool = True  # False: only the local head learns; the encoder is used as sent
 
     def __post_init__(self) -> None:
         _require(1 <= self.local_epochs <= 1000, "training.local_epochs", self.local_epochs, "must be 1..1000")
@@ -210,6 +209,9 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # epsilon for the whole run, from which sigma is derived
     delta: float = 1.0e-5
     accountant: Literal["rdp", "prv"] = "rdp"
+    # Same mechanism, two implementations: "vectorized" computes exact per-row norms for MLPs without Opacus'
+    # per-sample hooks (several times faster); "opacus" uses Opacus' hooks for any model.
+    implementation: Literal["vectorized", "opacus"] = "vectorized"
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -290,6 +292,137 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """Privacy budgets: the most ε (at ``privacy.delta``) each institution spends in one run.
+
+    Enforced at the institution before every round: a round that would take it past its budget is declined,
+    never trained, so a budget is never exceeded. Logic: ``clients/budget.py``.
+    """
+
+    max_epsilon: float | None = None  # for every institution; null: no budget
+    institution_epsilon: dict[str, float] = field(default_factory=dict)  # institution name -> its own maximum ε
+
+    def __post_init__(self) -> None:
+        if self.max_epsilon is not None:
+            _require(0.0 < self.max_epsilon <= 1000.0, "budget.max_epsilon", self.max_epsilon, "must be in (0, 1000]")
+        for name, value in self.institution_epsilon.items():
+            key = f"budget.institution_epsilon.{name}"
+            if not is_valid_institution_name(name):
+                raise ConfigError(key, name, f"institution names must be {INSTITUTION_NAME_RULE}")
+            _require(0.0 < value <= 1000.0, key, value, "must be in (0, 1000]")
+
+    def epsilon_for(self, institution: str) -> float | None:
+        """This institution's maximum ε: its override, else the default, else None (no budget)."""
+        return self.institution_epsilon.get(institution, self.max_epsilon)
+
+
+@dataclass(frozen=True)
+class InstitutionDPConfig:
+    """Institution-level DP at the server (off by default): each institution's encoder update is clipped to
+    ``clipping_norm`` and Gaussian noise is added to the average (Flower's server-side fixed-clipping wrapper).
+
+    A second guarantee, for a whole institution's contribution, reported apart from the per-customer ε.
+    Logic: ``server/institution_dp.py``.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # noise std = noise_multiplier * clipping_norm / contributing institutions
+    clipping_norm: float = 1.0  # L2 bound on one institution's encoder update per round
+    delta: float = 1.0e-5
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        _require(
+            0.0 < self.noise_multiplier <= 100.0,
+            "institution_dp.noise_multiplier",
+            self.noise_multiplier,
+            "must be in (0, 100]",
+        )
+        _require(self.clipping_norm > 0.0, "institution_dp.clipping_norm", self.clipping_norm, "must be > 0")
+        _require(0.0 < self.delta < 1.0, "institution_dp.delta", self.delta, "must be > 0 and < 1")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How the shared encoder is used and what travels (rules in shared/transfer.py)."""
+
+    # finetune: encoder + head train, encoder aggregated | frozen: heads only, nothing sent back | fedrep: head
+    # epochs (encoder fixed) then encoder epochs, encoder aggregated | fedavg: everything shared, head included |
+    # local: each institution alone (fedchurn compare) | centralized: pooled, NOT private (fedchurn compare)
+    mode: Literal["finetune", "frozen", "fedrep", "fedavg", "local", "centralized"] = "finetune"
+    head_epochs: int = 1  # fedrep: head-only epochs per round, before training.local_epochs encoder epochs
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.head_epochs <= 1000, "transfer.head_epochs", self.head_epochs, "must be 1..1000")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`fedchurn pretrain`: the encoder trained on source data with Ray Train (not private: public/consented data)."""
+
+    objective: Literal["supervised", "self_supervised"] = "supervised"
+    source: Literal["synthetic", "csv"] = "synthetic"  # synthetic: the consortium's seeded source domain
+    csv_path: str | None = None  # source table with the federation's schema (label optional if self_supervised)
+    source_rows: int = 20000  # synthetic source-domain customers
+    epochs: int = 8
+    batch_size: int = 256
+    learning_rate: float = 0.003
+    mask_fraction: float = 0.3  # self_supervised: share of features corrupted (swap noise) to reconstruct
+    validation_fraction: float = 0.1
+    num_workers: int = 1  # Ray Train workers (data-parallel)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            100 <= self.source_rows <= 10_000_000, "pretrain.source_rows", self.source_rows, "must be 100..10000000"
+        )
+        _require(1 <= self.epochs <= 10_000, "pretrain.epochs", self.epochs, "must be 1..10000")
+        _require(1 <= self.batch_size <= 1_000_000, "pretrain.batch_size", self.batch_size, "must be 1..1000000")
+        _require(0.0 < self.learning_rate <= 10.0, "pretrain.learning_rate", self.learning_rate, "must be in (0, 10]")
+        _require(0.0 < self.mask_fraction < 1.0, "pretrain.mask_fraction", self.mask_fraction, "must be in (0, 1)")
+        _require(
+            0.0 < self.validation_fraction < 0.5,
+            "pretrain.validation_fraction",
+            self.validation_fraction,
+            "must be > 0 and < 0.5",
+        )
+        _require(1 <= self.num_workers <= 1024, "pretrain.num_workers", self.num_workers, "must be 1..1024")
+        _require(self.cpus_per_worker > 0.0, "pretrain.cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _require(self.gpus_per_worker >= 0.0, "pretrain.gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        if self.source == "csv" and not self.csv_path:
+            raise ConfigError("pretrain.csv_path", self.csv_path, "is required when pretrain.source is 'csv'")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """A run on a real federation (``fedchurn run``): its identity, and whether it continues an interrupted run.
+
+    ``run_name`` is the identity institutions key their saved head and privacy accountant by (instead of Flower's
+    run id, which changes when a run is resubmitted), so a resumed run continues every institution's ε.
+    Logic: ``server/resume.py``.
+    """
+
+    run_name: str | None = None  # null: Flower's run id (a resubmitted run then starts every accountant afresh)
+    resume: bool = False  # continue from the last completed round checkpointed in output_dir
+
+    def __post_init__(self) -> None:
+        if self.run_name is not None and not is_valid_institution_name(self.run_name):
+            raise ConfigError("federation.run_name", self.run_name, f"run names must be {INSTITUTION_NAME_RULE}")
+        if self.resume and self.run_name is None:
+            raise ConfigError(
+                "federation.resume",
+                self.resume,
+                "resuming needs federation.run_name: the name the interrupted run was started with",
+            )
+
+    def identity(self, flower_run_id: int) -> int | str:
+        """What institutions key their saved state by: ``run_name`` when given, else Flower's run id."""
+        return self.run_name if self.run_name is not None else flower_run_id
+
+
+@dataclass(frozen=True)
 class FedChurnConfig:
     """A whole federated run."""
 
@@ -302,6 +435,11 @@ class FedChurnConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    institution_dp: InstitutionDPConfig = field(default_factory=InstitutionDPConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**31, "seed", self.seed, "must be in [0, 2^31)")
@@ -500,7 +638,8 @@ def resolve_paths(config: FedChurnConfig, *, base_dir: Path) -> FedChurnConfig:
         institution_files={k: absolute(v) or v for k, v in config.data.institution_files.items()},
     )
     model = dataclasses.replace(config.model, encoder_checkpoint=absolute(config.model.encoder_checkpoint))
-    return dataclasses.replace(config, data=data, model=model)
+    pretrain = dataclasses.replace(config.pretrain, csv_path=absolute(config.pretrain.csv_path))
+    return dataclasses.replace(config, data=data, model=model, pretrain=pretrain)
 
 
 def dump_config(config: FedChurnConfig) -> str:
@@ -558,7 +697,11 @@ def apply_overrides(config: FedChurnConfig, overrides: Mapping[str, Any]) -> Fed
 
 def _is_free_mapping(section: list[str]) -> bool:
     """Sections whose keys are names chosen by the user, not schema fields."""
-    return section in (["data", "institution_files"], ["data", "schema", "categorical"])
+    return section in (
+        ["data", "institution_files"],
+        ["data", "schema", "categorical"],
+        ["budget", "institution_epsilon"],
+    )
 
 
 # --- Flower run-config: flat keys, scalar values --------------------------------------------------
@@ -649,7 +792,6 @@ training:
   learning_rate: 0.02
   optimizer: adam            # adam | sgd (measured: adam reaches the same AUC in fewer noisy rounds)
   momentum: 0.9              # sgd only
-  train_encoder: true
 privacy:
   enabled: true
   clipping_norm: 1.0         # per-customer gradient bound
@@ -657,6 +799,7 @@ privacy:
   target_epsilon: null
   delta: 1.0e-5
   accountant: rdp
+  implementation: vectorized # same DP-SGD as Opacus' hooks, faster for MLPs (or: opacus)
 strategy:
   name: fedavg               # fedavg | fedprox | fedadam
   min_replies: 1
@@ -665,6 +808,34 @@ simulation:
   ray_num_cpus: null         # local Ray bound to this many CPUs (null: all)
   client_num_cpus: 1.0
   client_num_gpus: 0.0
+budget:
+  max_epsilon: null          # most ε (at privacy.delta) an institution spends in a run; a round that would
+                             # exceed it is declined before training (null: no budget)
+  institution_epsilon: {}    # per-institution overrides, e.g. {bank-01: 3.0}
+institution_dp:
+  enabled: false             # server-side clipping + noise on each bank's encoder update (a second guarantee,
+  noise_multiplier: 1.0      #   per institution, reported apart from the per-customer ε)
+  clipping_norm: 1.0
+  delta: 1.0e-5
+transfer:
+  mode: finetune             # finetune | frozen | fedrep | fedavg | local | centralized (the last two: compare)
+  head_epochs: 1             # fedrep: head-only epochs per round before the encoder epochs
+pretrain:                    # fedchurn pretrain: not private; for public or consented source data
+  objective: supervised      # supervised (labelled source) | self_supervised (masked-feature reconstruction)
+  source: synthetic          # synthetic: the consortium's seeded source domain | csv: pretrain.csv_path
+  csv_path: null
+  source_rows: 20000
+  epochs: 8
+  batch_size: 256
+  learning_rate: 0.003
+  mask_fraction: 0.3
+  validation_fraction: 0.1
+  num_workers: 1             # Ray Train data-parallel workers
+  cpus_per_worker: 1.0
+  gpus_per_worker: 0.0
+federation:                  # fedchurn run on a real federation (deploy/README.md)
+  run_name: null             # identity of the run at every bank; set it to be able to resume
+  resume: false              # continue an interrupted run from its last completed round
 """
 
 

@@ -722,8 +722,16 @@ def generate_synthetic_institution(synthetic: SyntheticConfig, index: int, *, se
 def _generate_synthetic(synthetic: SyntheticConfig, index: int, *, seed: int) -> tuple[RawTable, np.ndarray]:
     """The table and each row's true churn probability (tests use it to check the signal's strength)."""
     profile = synthetic_profile(synthetic, index, seed=seed)
+    return generate_synthetic_rows(profile, seed=seed, rows_seed=derive_seed("synthetic-rows", seed, index))
+
+
+def generate_synthetic_rows(profile: SyntheticProfile, *, seed: int, rows_seed: int) -> tuple[RawTable, np.ndarray]:
+    """Rows of ``profile`` under the consortium's churn model for ``seed``, drawn from ``rows_seed``.
+
+    Also draws the consortium's source domain (shared/source_data.py): same behaviour, other customers.
+    """
     model = _churn_model(seed)
-    rng = np.random.default_rng(derive_seed("synthetic-rows", seed, index))
+    rng = np.random.default_rng(rows_seed)
     n = profile.rows
     shifts = np.asarray(profile.shifts)
     z = rng.standard_normal((n, _N_LATENT)) + shifts[:_N_LATENT]

@@ -443,9 +443,7 @@ def make_private(
     exact per-row norms for MLPs); a model it cannot handle falls back to Opacus, with a log line.
     """
     if implementation not in IMPLEMENTATIONS:
-        raise PrivacyError(
-            f"privacy.implementation = {implementation!r}: must be one of {', '.join(IMPLEMENTATIONS)}"
-        )
+        raise PrivacyError(f"privacy.implementation = {implementation!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
     if not _is_number(noise_multiplier) or not math.isfinite(noise_multiplier) or noise_multiplier < 0:
         raise PrivacyError(f"noise_multiplier = {noise_multiplier!r}: must be a finite number >= 0")
     if not _is_number(clipping_norm) or not math.isfinite(clipping_norm) or clipping_norm <= 0:

@@ -47,7 +47,10 @@ def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> Simul
     Failing here, with the file, line and column, beats a failure inside a Ray worker halfway through.
     """
     output_dir = str(Path(config.output_dir).expanduser().resolve())
+    from shared.provenance import check_transfer_setup
+
     config = dataclasses.replace(config, output_dir=output_dir)
+    check_transfer_setup(config)  # a federated transfer mode; a pretrained encoder that fits the schema
     names = institution_names(config.data, seed=config.seed)
     if not names:
         raise SimulationError("the data holds no institutions")

@@ -9,6 +9,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any
 
+from shared.commands.privacy_cmd import budget_lines
 from shared.config import (
     FedChurnConfig,
     apply_overrides,
@@ -187,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     delta = config.privacy.delta
     if config.privacy.enabled:
         print(f"\nε: cumulative over all {summary['rounds']} rounds, per customer row, δ = {delta}.")
+    for line in budget_lines(summary):  # institutions stopped by their privacy budget: who, when, at what ε
+        print(line)
     if summary["dropped_replies"]:
         print(
             f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl"

@@ -1,0 +1,142 @@
+"""The institution's privacy budget, enforced before every round, and its ledger entry after every round.
+
+Before training, the institution projects its ε after this round — its whole history plus exactly the steps
+this round will take, composed by its own accountant (``shared/privacy``) — and declines the round if that
+would exceed its budget (``budget`` in the config). The projection is exact, not an estimate: the round then
+takes exactly those steps at that σ and q, so the ε reported afterwards equals the projection and a budget is
+never exceeded, not even by one round.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import logging
+import math
+import platform
+from typing import TYPE_CHECKING, Any
+
+from clients.state import InstitutionState
+from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
+from shared.errors import FedChurnError
+from shared.ledger import InstitutionLedger
+from shared.privacy import epsilon_of
+
+if TYPE_CHECKING:  # clients.institution calls into this module
+    from clients.institution import Institution
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BudgetDeclined", "check_budget", "record_round"]
+
+
+class BudgetDeclined(FedChurnError):
+    """This institution declines the round; ``decline`` says why, with the numbers."""
+
+    def __init__(self, institution: str, server_round: int, decline: Decline) -> None:
+        self.institution = institution
+        self.server_round = server_round
+        self.decline = decline
+        super().__init__(f"{institution} declines round {server_round}: {decline.explain()}")
+
+
+def check_budget(
+    institution: Institution,
+    state: InstitutionState,
+    *,
+    server_round: int,
+    sample_rate: float,
+    steps: int,
+) -> None:
+    """Raise :class:`BudgetDeclined` when training ``steps`` more steps would exceed the institution's budget."""
+    config = institution.config
+    max_epsilon = config.budget.epsilon_for(institution.name)
+    if max_epsilon is None:
+        return
+    privacy = config.privacy
+    if not privacy.enabled:
+        decline = Decline(
+            reason=DP_DISABLED,
+            epsilon=math.inf,
+            projected_epsilon=math.inf,
+            max_epsilon=max_epsilon,
+            delta=0.0,
+            rounds_trained=state.rounds_trained,
+        )
+        raise BudgetDeclined(institution.name, server_round, decline)
+    sigma = state.noise_multiplier if state.noise_multiplier is not None else 0.0
+    spent = epsilon_of(state.accountant, delta=privacy.delta)
+    projected = epsilon_of(
+        state.accountant.with_steps(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
+        delta=privacy.delta,
+    )
+    if projected <= max_epsilon:
+        return
+    decline = Decline(
+        reason=BUDGET_EXHAUSTED,
+        epsilon=spent,
+        projected_epsilon=projected,
+        max_epsilon=max_epsilon,
+        delta=privacy.delta,
+        rounds_trained=state.rounds_trained,
+    )
+    logger.warning("%s declines round %d: %s", institution.name, server_round, decline.explain())
+    raise BudgetDeclined(institution.name, server_round, decline)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "opacus": _version("opacus"),
+        "torch": _version("torch"),
+        "flwr": _version("flwr"),
+        "fedchurn": _version("fedchurn"),
+    }
+
+
+def record_round(
+    institution: Institution,
+    state: InstitutionState,
+    *,
+    run_id: int,
+    server_round: int,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    dataset_size: int,
+    epsilon: float,
+) -> None:
+    """Append this trained round to the institution's own ledger (``state_dir/ledger.sqlite``)."""
+    privacy = institution.config.privacy
+    if not privacy.enabled:
+        return  # no DP, no guarantee to account for
+    record: dict[str, Any] = {
+        "kind": "train",
+        "institution": institution.name,
+        "run_id": int(run_id),
+        "round": int(server_round),
+        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "mechanism": "DP-SGD (Poisson-subsampled Gaussian)",
+        "unit": "one customer row (add/remove one row)",
+        "noise_multiplier": float(noise_multiplier),
+        "sample_rate": float(sample_rate),
+        "steps": int(steps),
+        "clipping_norm": float(privacy.clipping_norm),
+        "delta": float(privacy.delta),
+        "sampling": "poisson",
+        "accountant": state.accountant.accountant,
+        "dataset_size": int(dataset_size),
+        "cumulative_steps": state.accountant.total_steps,
+        "rounds_trained": state.rounds_trained,
+        "epsilon": float(epsilon),
+        "max_epsilon": institution.config.budget.epsilon_for(institution.name),
+        "versions": library_versions(),
+    }
+    InstitutionLedger.in_folder(institution.state_dir).append(record)

@@ -1,0 +1,217 @@
+"""The consortium's side of privacy: declines, the consortium ledger, institution-level DP. stdlib + flwr + numpy.
+
+:class:`PrivacyOversight` sits between the strategy and the run recorder (``server/report.py``):
+
+- it wraps the strategy so that a *decline* (``shared/decline.py``: an institution whose budget allows no further
+  round) is recorded as a decline — who, round, ε so far, why — and never reaches reply validation, where it would
+  count as a malformed reply; the round goes on with the others;
+- it observes every accepted training reply and appends what each institution *reported* (its whitelisted
+  numbers) to ``consortium_ledger.jsonl``, hash-chained like the institutions' own ledgers, so an audit can hold
+  each institution's ledger against what the consortium was told;
+- when ``institution_dp.enabled``, it puts :class:`~server.institution_dp.InstitutionLevelDP` in the chain and
+  accounts for that second guarantee.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
+from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
+from shared.config import FedChurnConfig
+from shared.decline import Decline, is_decline, read_decline
+from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
+from shared.wire import WEIGHT_KEY
+
+logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")
+
+__all__ = ["CONSORTIUM_LEDGER_FILE", "DeclineScreen", "PrivacyOversight"]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class DeclineScreen(Strategy):
+    """A strategy wrapper: declines go to the oversight, every other reply to the wrapped strategy."""
+
+    def __init__(self, strategy: Strategy, oversight: PrivacyOversight) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.oversight = oversight
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        others: list[Message] = []
+        declines: list[tuple[str, Decline]] = []
+        malformed: list[DroppedReply] = []
+        for message in replies:
+            if not is_decline(message):
+                others.append(message)
+                continue
+            name = reply_institution(message)
+            decline = read_decline(message)
+            if name is None or isinstance(decline, str):
+                reason = decline if isinstance(decline, str) else "a decline that names no institution"
+                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
+            else:
+                declines.append((name, decline))
+        self.oversight.on_declines(server_round, sorted(declines, key=lambda item: item[0]), malformed)
+        return self.strategy.aggregate_train(server_round, others)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+class PrivacyOversight:
+    """Round observer in front of the run recorder; see the module docstring."""
+
+    def __init__(self, config: FedChurnConfig, output_dir: Path, *, run_id: int) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=True)
+        self.declines: list[dict[str, Any]] = []
+        self.stopped: dict[str, dict[str, Any]] = {}  # institution -> its first decline
+        self.releases: list[Release] = []
+        self._weights: dict[int, list[float]] = {}
+        self._forward: RoundObserver | None = None
+
+    def wrap(self, strategy: EncoderAggregation) -> Strategy:
+        """The strategy to run: declines screened, replies observed here, institution-level DP when configured."""
+        self._forward = strategy.observer
+        strategy.observer = self
+        inner: Strategy = strategy  # type: ignore[assignment]
+        if self.config.institution_dp.enabled:
+            inner = InstitutionLevelDP(
+                strategy,
+                self.config.institution_dp,
+                strategy_name=self.config.strategy.name,
+                accepted_weights=lambda server_round: self._weights.get(server_round, []),
+                on_release=self.on_release,
+            )
+        return DeclineScreen(inner, self)
+
+    # --- RoundObserver ---------------------------------------------------------------------------
+
+    def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
+        self._weights[server_round] = [reply.metrics[WEIGHT_KEY] for reply in accepted]
+        for reply in accepted:
+            self._append({"kind": "train", "round": server_round, "institution": reply.institution, **reply.metrics})
+        if self._forward is not None:
+            self._forward.on_train(server_round, accepted, dropped)
+
+    def on_evaluate(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
+        if self._forward is not None:
+            self._forward.on_evaluate(server_round, accepted, dropped)
+
+    # --- declines and releases -------------------------------------------------------------------
+
+    def on_declines(
+        self, server_round: int, declines: list[tuple[str, Decline]], malformed: list[DroppedReply]
+    ) -> None:
+        for name, decline in declines:
+            entry = {
+                "round": server_round,
+                "institution": name,
+                "reason_code": decline.reason,
+                "reason": decline.explain(),
+                "epsilon": _finite(decline.epsilon),
+                "projected_epsilon": _finite(decline.projected_epsilon),
+                "max_epsilon": decline.max_epsilon,
+                "delta": decline.delta,
+                "rounds_trained": decline.rounds_trained,
+            }
+            self.declines.append(entry)
+            self._append({"kind": "decline", **entry})
+            if name not in self.stopped:
+                self.stopped[name] = entry
+                progress.info("round %d: %s stops training: %s", server_round, name, decline.explain())
+        if malformed and self._forward is not None:
+            self._forward.on_train(server_round, [], malformed)
+
+    def on_release(self, release: Release) -> None:
+        self.releases.append(release)
+        self._append(
+            {
+                "kind": "institution-dp",
+                "round": release.server_round,
+                "contributors": release.contributors,
+                "max_weight_share": release.max_weight_share,
+                "noise_std": release.noise_std,
+                "clipping_norm": self.config.institution_dp.clipping_norm,
+                "noise_multiplier": self.config.institution_dp.noise_multiplier,
+                "effective_noise_multiplier": release.effective_noise_multiplier,
+                "delta": self.config.institution_dp.delta,
+                "epsilon": self.institution_epsilon(),
+            }
+        )
+
+    def institution_epsilon(self) -> float:
+        """ε of the institution-level guarantee over every noisy release so far (exact Gaussian composition)."""
+        return gaussian_composition_epsilon(
+            [r.effective_noise_multiplier for r in self.releases], delta=self.config.institution_dp.delta
+        )
+
+    # --- summary ---------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The ``budget`` and ``institution_dp`` sections of summary.json."""
+        budget = self.config.budget
+        institution_dp: dict[str, Any] = {"enabled": self.config.institution_dp.enabled}
+        if self.config.institution_dp.enabled:
+            institution_dp.update(
+                {
+                    "guarantee": "per institution: one institution's whole encoder update in each round "
+                    "(zero-out adjacency), NOT per customer",
+                    "noise_multiplier": self.config.institution_dp.noise_multiplier,
+                    "clipping_norm": self.config.institution_dp.clipping_norm,
+                    "delta": self.config.institution_dp.delta,
+                    "releases": len(self.releases),
+                    "effective_noise_multipliers": [r.effective_noise_multiplier for r in self.releases],
+                    "epsilon": _finite(self.institution_epsilon()),
+                    "accounting": "Gaussian mechanisms without sampling, composed exactly (GDP)",
+                }
+            )
+        return {
+            "budget": {
+                "max_epsilon": budget.max_epsilon,
+                "institution_epsilon": dict(budget.institution_epsilon),
+                "delta": self.config.privacy.delta,
+                "stopped": dict(sorted(self.stopped.items())),
+                "declines": self.declines,
+            },
+            "institution_dp": institution_dp,
+            "consortium_ledger": CONSORTIUM_LEDGER_FILE,
+        }
+
+    def _append(self, record: dict[str, Any]) -> None:
+        stamped = {
+            "run_id": self.run_id,
+            "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **record,
+        }
+        self.ledger.append(stamped)

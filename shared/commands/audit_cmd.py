@@ -1,0 +1,71 @@
+"""`fedchurn audit RUN_DIR`: verify every institution's privacy ledger and re-check its ε independently."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_AUDIT_FAILED = 1
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "audit",
+        help="verify the privacy ledgers of a run and re-check every ε independently",
+        description="Verify each institution's hash-chained ledger, recompose its ε with the accountant it used "
+        "and with Google's dp-accounting, and write a report per institution (RUN_DIR/audit/). "
+        "Exits 1 when any ledger was tampered with or any check fails.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a run")
+    parser.add_argument("--json", action="store_true", help="print the audit as JSON")
+    parser.add_argument("--no-reports", action="store_true", help="check only; write no Markdown/PNG reports")
+    parser.set_defaults(handler=run)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from shared.audit import audit_run
+
+    audit = audit_run(Path(args.run_dir))
+    reports = []
+    if not args.no_reports:
+        from shared.audit_report import write_reports
+
+        reports = write_reports(audit)
+    if args.json:
+        print(json.dumps(audit.to_dict(), indent=2, default=str))
+    else:
+        print(f"Audit of {audit.run_dir} (run {audit.run_id}):")
+        for inst in audit.institutions:
+            verdict = "ok  " if inst.passed else "FAIL"
+            if inst.tampering:
+                print(f"  {verdict} {inst.name:<22} ledger tampered with: its numbers are not used")
+            else:
+                print(
+                    f"  {verdict} {inst.name:<22} ε {_fmt(inst.epsilon)} ({inst.accountant}), "
+                    f"PLD {_fmt(inst.epsilon_pld)}, budget {_fmt(inst.max_epsilon)}, {len(inst.rounds)} rounds"
+                )
+            for problem in inst.tampering + inst.findings:
+                print(f"       {problem}")
+        for problem in audit.consortium_problems:
+            print(f"  FAIL consortium: {problem}")
+        if audit.institution_dp:
+            dp = audit.institution_dp
+            print(
+                f"  institution-level DP (a separate, per-institution guarantee): ε {_fmt(dp['epsilon_recorded'])} "
+                f"at δ = {dp['delta']:g} (PLD {_fmt(dp['epsilon_pld_independent'])})"
+            )
+        if reports:
+            print(f"Reports: {reports[0].parent}")
+        print("PASSED" if audit.passed else "FAILED")
+    if not audit.passed:
+        if args.json:
+            print("audit failed: see 'tampering' and 'findings' in the JSON", file=sys.stderr)
+        return EXIT_AUDIT_FAILED
+    return 0

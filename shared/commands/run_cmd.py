@@ -1,0 +1,98 @@
+"""`fedchurn run`: submit a run of our Flower app to a real federation, with a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from shared.config import (
+    FedChurnConfig,
+    apply_overrides,
+    config_to_run_config,
+    default_config,
+    load_config,
+    parse_override,
+    resolve_paths,
+)
+from shared.federation import default_flwr_home, submit_run
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the federated training on a real federation (SuperLink + institutions' SuperNodes)",
+        description="The YAML config becomes Flower's run-config; the server writes its results to the config's "
+        "output_dir on the SuperLink's machine (relative paths: relative to the SuperLink's working folder).",
+    )
+    parser.add_argument("config", nargs="?", help="YAML config (default: the embedded default)")
+    parser.add_argument("--federation", required=True, help="the SuperLink connection (fedchurn federation connect)")
+    parser.add_argument(
+        "--run-name",
+        help="the run's identity at every bank (default: a new one, printed); give it again with --resume",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run --run-name from its last completed round"
+    )
+    parser.add_argument("--out", help="output folder on the SuperLink's machine (made absolute here)")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--flwr-home", help="Flower's config folder (default: $FLWR_HOME or ~/.flwr)")
+    parser.add_argument("--timeout", type=float, help="stop the run if it has not ended after this many seconds")
+    parser.add_argument("--quiet", action="store_true", help="do not show Flower's log of the run")
+    parser.set_defaults(handler=run)
+
+
+def resolve_federated_config(args: argparse.Namespace) -> FedChurnConfig:
+    config = load_config(args.config) if args.config else default_config()
+    overrides: dict[str, Any] = dict(parse_override(item) for item in args.set)
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+    if args.out is not None:
+        overrides["output_dir"] = str(Path(args.out).expanduser().resolve())
+    run_name = args.run_name or config.federation.run_name
+    if run_name is None and not args.resume:
+        run_name = dt.datetime.now(dt.UTC).strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    overrides["federation.run_name"] = run_name
+    overrides["federation.resume"] = bool(args.resume or config.federation.resume)
+    return resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
+
+
+def run(args: argparse.Namespace) -> int:
+    config = resolve_federated_config(args)
+    flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else default_flwr_home()
+    verb = "Resuming" if config.federation.resume else "Starting"
+    print(
+        f"{verb} run '{config.federation.run_name}' on federation '{args.federation}': {config.rounds} rounds, "
+        f"{config.strategy.name}, min {config.strategy.min_replies} replies, round timeout "
+        f"{config.strategy.round_timeout_s:g} s; results in {config.output_dir} on the SuperLink's machine"
+    )
+    summary_path = Path(config.output_dir) / "summary.json"
+    outcome = submit_run(
+        flwr_home,
+        args.federation,
+        config_to_run_config(config),
+        timeout_s=args.timeout,
+        on_line=None if args.quiet else print,
+    )
+    if outcome.status != "finished:completed":
+        print(f"error: run {outcome.run_id or '-'} {outcome.status}: {outcome.details}")
+        print(f"To continue it from its last completed round: add --run-name {config.federation.run_name} --resume")
+        return 1
+    print(f"\nRun {outcome.run_id} ('{config.federation.run_name}') completed.")
+    if summary_path.is_file():  # the SuperLink runs on this machine: show the results
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        from shared.commands.simulate import _format_table
+
+        print(_format_table(summary))
+        dropped = summary.get("dropped_replies", [])
+        print(
+            f"\n{summary['rounds']} rounds; seconds per round {summary['seconds_per_round']}; "
+            f"{len(dropped)} replies dropped (reasons in {config.output_dir}/rounds.jsonl)"
+        )
+    else:
+        print(f"Results: {config.output_dir} on the SuperLink's machine.")
+    return 0

@@ -1,0 +1,106 @@
+"""How an institution declines a training round, on the wire (flwr only; no torch — the server reads it too).
+
+A decline is a normal reply, not an error: no arrays, the identity record, a ConfigRecord ``status`` holding
+``{"status": "declined", "reason": CODE}`` with CODE from a fixed list, and a MetricRecord ``metrics`` with
+exactly :data:`DECLINE_METRICS`. Like the train and evaluate whitelists in ``shared/wire.py``, the code list and
+the metric whitelist are the privacy boundary: no free text leaves the institution; the server writes the
+human-readable reason from the code and the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from shared.wire import IDENTITY_KEY, METRICS_KEY, identity_record
+
+STATUS_KEY = "status"  # the ConfigRecord of a decline
+STATUS_FIELD = "status"
+REASON_FIELD = "reason"
+DECLINED = "declined"
+
+BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take ε past the institution's budget
+DP_DISABLED = "dp-disabled"  # a budget is set but DP is off: no finite ε to keep within it
+REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED)
+
+DECLINE_METRICS = ("epsilon", "projected-epsilon", "max-epsilon", "delta", "rounds-trained")
+
+
+@dataclass(frozen=True)
+class Decline:
+    """Why an institution does not train this round, with the numbers behind it."""
+
+    reason: str  # one of REASON_CODES
+    epsilon: float  # ε spent so far in this run (cumulative)
+    projected_epsilon: float  # ε after one more round (inf without DP)
+    max_epsilon: float  # the institution's budget
+    delta: float
+    rounds_trained: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "epsilon": self.epsilon,
+            "projected-epsilon": self.projected_epsilon,
+            "max-epsilon": self.max_epsilon,
+            "delta": self.delta,
+            "rounds-trained": float(self.rounds_trained),
+        }
+
+    def explain(self) -> str:
+        if self.reason == DP_DISABLED:
+            return f"privacy is disabled (no finite ε), so no round fits the budget ε <= {self.max_epsilon:g}"
+        return (
+            f"another round would take ε from {self.epsilon:.4g} to {self.projected_epsilon:.4g}, "
+            f"above its budget {self.max_epsilon:g} (δ = {self.delta:g})"
+        )
+
+
+def decline_content(institution: str, decline: Decline) -> RecordDict:
+    return RecordDict(
+        {
+            METRICS_KEY: MetricRecord({key: float(value) for key, value in decline.metrics().items()}),
+            IDENTITY_KEY: identity_record(institution),
+            STATUS_KEY: ConfigRecord({STATUS_FIELD: DECLINED, REASON_FIELD: decline.reason}),
+        }
+    )
+
+
+def is_decline(message: Message) -> bool:
+    """Whether the reply says it declines (it may still be malformed: see :func:`read_decline`)."""
+    if message.has_error() or STATUS_KEY not in message.content.config_records:
+        return False
+    return message.content.config_records[STATUS_KEY].get(STATUS_FIELD) == DECLINED
+
+
+def read_decline(message: Message) -> Decline | str:
+    """The decline a reply carries, or why it is not an acceptable decline."""
+    content = message.content
+    if set(content.array_records):
+        return "a decline must carry no arrays"
+    if set(content.config_records) != {IDENTITY_KEY, STATUS_KEY}:
+        return f"a decline carries exactly the records {IDENTITY_KEY!r} and {STATUS_KEY!r}"
+    status = content.config_records[STATUS_KEY]
+    if set(status) != {STATUS_FIELD, REASON_FIELD} or status.get(REASON_FIELD) not in REASON_CODES:
+        return f"a decline's status must be {{status, reason}} with reason one of {list(REASON_CODES)}"
+    if set(content.metric_records) != {METRICS_KEY}:
+        return f"a decline carries one metric record {METRICS_KEY!r}"
+    metrics: Mapping[str, object] = content.metric_records[METRICS_KEY]
+    if set(metrics) != set(DECLINE_METRICS):
+        return f"a decline's metrics must be exactly {list(DECLINE_METRICS)}, got {sorted(metrics)}"
+    values = {}
+    for key in DECLINE_METRICS:
+        value = metrics[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            return f"decline metric {key!r} must be a number, got {value!r}"
+        values[key] = float(value)
+    return Decline(
+        reason=str(status[REASON_FIELD]),
+        epsilon=values["epsilon"],
+        projected_epsilon=values["projected-epsilon"],
+        max_epsilon=values["max-epsilon"],
+        delta=values["delta"],
+        rounds_trained=int(values["rounds-trained"]),
+    )

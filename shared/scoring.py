@@ -1,0 +1,150 @@
+"""Scoring new customers at one institution with what a run left there: encoder, head and preprocessor.
+
+Reads ``RUN/config.yaml`` (schema, model, transfer mode), ``RUN/encoder.pt`` (checked against the schema),
+``RUN/institutions/NAME/head.pt`` (``RUN/global-head.pt`` for a fedavg run, whose head is the shared one) and
+``RUN/institutions/NAME/preprocessor.json`` (that institution's own scaling and imputation). Each input row gets a
+churn probability and a risk decile (1..10, 10 = highest risk, ranked within the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.evaluation import predict_probabilities
+from shared.config import load_config
+from shared.data import Preprocessor, _read_csv_text, read_csv_table, resolve_schema
+from shared.errors import CheckpointError, DataError
+from shared.metrics import risk_deciles
+from shared.model import build_model, load_encoder_arrays, load_encoder_checkpoint, load_head_state
+from shared.sharing import GLOBAL_HEAD_FILE
+
+CONFIG_FILE = "config.yaml"
+ENCODER_FILE = "encoder.pt"
+HEAD_FILE = "head.pt"
+PREPROCESSOR_FILE = "preprocessor.json"
+ID_NAMES = ("id", "customer_id", "customerid", "client_id", "clientnum", "account_id")
+OUTPUT_COLUMNS = ("churn_probability", "risk_decile")
+
+
+@dataclass(frozen=True)
+class ScoringResult:
+    rows: int
+    output: Path
+    id_column: str | None
+    mean_probability: float
+
+
+def _required_file(path: Path, what: str, fix: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{what} not found", path=str(path), fix=fix)
+    return path
+
+
+def _id_column(header: tuple[str, ...], drop: tuple[str, ...], requested: str | None, path: str) -> int | None:
+    if requested is not None:
+        if requested not in header:
+            raise DataError(f"id column {requested!r} is not in the file", path=path, column=requested)
+        return header.index(requested)
+    for name in drop:  # identifiers the schema drops (CLIENTNUM, customerID, ...)
+        if name in header:
+            return header.index(name)
+    for index, name in enumerate(header):
+        if name.strip().lower() in ID_NAMES:
+            return index
+    return None
+
+
+def score_customers(
+    run_dir: str | Path,
+    institution: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    id_column: str | None = None,
+    overwrite: bool = False,
+) -> ScoringResult:
+    """Score ``input_path`` with ``institution``'s model from ``run_dir``; write ``output_path`` (CSV)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise DataError("run folder not found", path=str(run), fix="give the --out folder of a fedchurn simulate run")
+    _required_file(run / CONFIG_FILE, "run config", "is this the output folder of a fedchurn simulate run?")
+    config = load_config(run / CONFIG_FILE)
+    home = run / "institutions" / institution
+    if not home.is_dir():
+        known = sorted(p.name for p in (run / "institutions").glob("*") if p.is_dir())
+        raise DataError(
+            f"no institution named {institution!r} in this run",
+            path=str(run),
+            fix=f"institutions of this run: {', '.join(known) or 'none'}",
+        )
+    source = Path(input_path)
+    _required_file(source, "input file", "give the CSV of customers to score with --input")
+    target = Path(output_path)
+    if target.resolve() == source.resolve():
+        raise DataError("the output would overwrite the input", path=str(target), fix="choose another --output")
+    if target.exists() and not overwrite:
+        raise DataError("output file already exists", path=str(target), fix="choose another --output or --overwrite")
+
+    schema = resolve_schema(config.data)
+    preprocessor = Preprocessor.from_dict(
+        _load_json(_required_file(home / PREPROCESSOR_FILE, "preprocessor", "the institution never trained"))
+    )
+    if preprocessor.feature_names != schema.feature_names:
+        raise CheckpointError(f"{home / PREPROCESSOR_FILE} does not match the run's schema (config.yaml)")
+    head_path = run / GLOBAL_HEAD_FILE if config.transfer.mode == "fedavg" else home / HEAD_FILE
+    _required_file(head_path, "churn head", "the institution never trained in this run")
+    encoder = load_encoder_checkpoint(
+        _required_file(run / ENCODER_FILE, "encoder", "the run did not finish"),
+        model=config.model,
+        feature_names=schema.feature_names,
+    )
+    model = build_model(config.model, input_dim=len(schema.feature_names))
+    load_encoder_arrays(model, encoder)
+    try:
+        head = torch.load(head_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{head_path} cannot be read: {exc}") from None
+    load_head_state(model, head, what=f"head {head_path}")
+
+    missing = "impute" if config.data.missing_values == "drop" else config.data.missing_values  # score every row
+    table = read_csv_table(source, schema, institution=institution, missing_values=missing, require_label=False)
+    probabilities = predict_probabilities(model, preprocessor.transform(table))
+    deciles = risk_deciles(probabilities)
+
+    text = _read_csv_text(source)
+    id_index = _id_column(text.header, schema.drop, id_column, str(source))
+    ids_by_line = {line: row for line, row in zip(text.lines, text.rows, strict=True)}
+    header = ([text.header[id_index]] if id_index is not None else []) + list(OUTPUT_COLUMNS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for line, p, decile in zip(table.line_numbers.tolist(), probabilities, deciles, strict=True):
+            prefix = [ids_by_line[line][id_index]] if id_index is not None else []
+            writer.writerow([*prefix, f"{p:.6f}", int(decile)])
+    os.replace(tmp, target)
+    return ScoringResult(
+        rows=table.n_rows,
+        output=target,
+        id_column=text.header[id_index] if id_index is not None else None,
+        mean_probability=float(np.mean(probabilities)) if len(probabilities) else float("nan"),
+    )
+
+
+def _load_json(path: Path) -> dict[str, object]:
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot be read: {exc}", path=str(path)) from None
+    if not isinstance(value, dict):
+        raise DataError("must hold a JSON object", path=str(path))
+    return value

@@ -1,0 +1,214 @@
+"""Security material and the pre-flight checks of the federation commands (no Flower process started)."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.cli import main
+from shared.config import apply_overrides, default_config
+from shared.errors import ConfigError
+from shared.federation import (
+    FederationError,
+    SuperLinkSpec,
+    SuperNodeSpec,
+    free_port,
+    parse_address,
+    probe_superlink,
+    read_connection,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
+from shared.pki import PkiError, certificate_hosts, create_ca, create_node_key, create_server_cert
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    create_ca(root / "ca")
+    create_server_cert(root / "ca", root / "superlink", hosts=("superlink.bank.example", "10.1.2.3"))
+    create_node_key(root / "bank-01" / "keys", "bank-01")
+    return root
+
+
+def test_keys_are_private_and_certificates_chain_to_the_ca(pki: Path) -> None:
+    for key in (pki / "ca" / "ca.key", pki / "superlink" / "server.key", pki / "bank-01" / "keys" / "node-auth.key"):
+        assert _mode(key) == 0o600, key
+        assert _mode(key.parent) == 0o700, key.parent
+    ca = x509.load_pem_x509_certificate((pki / "ca" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((pki / "superlink" / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert set(certificate_hosts(pki / "superlink" / "server.pem")) == {
+        "localhost",
+        "127.0.0.1",
+        "superlink.bank.example",
+        "10.1.2.3",
+    }
+
+
+def test_node_key_is_what_flower_reads(pki: Path) -> None:
+    """flower-supernode loads an OpenSSH EC private key; `flwr supernode register` an OpenSSH NIST EC public key."""
+    from flwr.cli.supernode.register import try_load_public_key
+
+    folder = pki / "bank-01" / "keys"
+    private = serialization.load_ssh_private_key((folder / "node-auth.key").read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert try_load_public_key(folder / "node-auth.pub")  # Flower's own loader accepts it
+
+
+def test_keys_are_never_overwritten_silently(pki: Path) -> None:
+    with pytest.raises(PkiError, match="refusing to overwrite"):
+        create_node_key(pki / "bank-01" / "keys", "bank-01")
+    with pytest.raises(PkiError, match="not valid"):
+        create_node_key(pki / "x", "../evil")
+
+
+def test_commands_fail_clearly_on_wrong_paths_keys_and_addresses(pki: Path, tmp_path: Path) -> None:
+    data = tmp_path / "customers.csv"
+    data.write_text("a\n1\n")
+    spec = SuperNodeSpec(
+        institution="bank-01",
+        superlink=f"127.0.0.1:{free_port()}",
+        ca_cert=pki / "superlink" / "ca.crt",
+        private_key=pki / "bank-01" / "keys" / "node-auth.key",
+        data_path=data,
+        state_dir=tmp_path / "state",
+        runtime_port=free_port(),
+    )
+    command = supernode_command(spec)
+    assert "--auth-supernode-private-key" in command and "--max-retries" in command
+    assert _mode(tmp_path / "state") == 0o700
+    with pytest.raises(PkiError, match="node private key not found"):
+        supernode_command(SuperNodeSpec(**{**spec.__dict__, "private_key": tmp_path / "missing.key"}))
+    with pytest.raises(FederationError, match="data of bank-01 not found"):
+        supernode_command(SuperNodeSpec(**{**spec.__dict__, "data_path": tmp_path / "nope.csv"}))
+    with pytest.raises(PkiError, match="consortium CA certificate not found"):
+        supernode_command(SuperNodeSpec(**{**spec.__dict__, "ca_cert": tmp_path / "ca.crt"}))
+    loose = tmp_path / "loose.key"
+    loose.write_bytes((pki / "bank-01" / "keys" / "node-auth.key").read_bytes())
+    loose.chmod(0o644)
+    with pytest.raises(PkiError, match="must be 0600"):
+        supernode_command(SuperNodeSpec(**{**spec.__dict__, "private_key": loose}))
+    with pytest.raises(PkiError, match="not an OpenSSH private key"):
+        supernode_command(SuperNodeSpec(**{**spec.__dict__, "private_key": pki / "superlink" / "server.key"}))
+    with pytest.raises(FederationError, match="HOST:PORT"):
+        parse_address("localhost")
+    with pytest.raises(FederationError, match="cannot reach the SuperLink"):
+        probe_superlink(spec.superlink, spec.ca_cert, timeout_s=2.0)
+    with pytest.raises(PkiError, match="SuperLink TLS certificate not found"):
+        superlink_command(SuperLinkSpec(tls_dir=tmp_path, database=tmp_path / "s.db"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(FederationError, match="cannot listen"):
+            superlink_command(SuperLinkSpec(tls_dir=pki / "superlink", database=tmp_path / "s.db", port=port))
+
+
+def test_tls_probe_rejects_a_server_the_ca_did_not_sign(pki: Path, tmp_path: Path) -> None:
+    """A server certificate from another CA is refused with a message that says so."""
+    import ssl
+    import threading
+
+    create_ca(tmp_path / "other-ca")
+    create_server_cert(tmp_path / "other-ca", tmp_path / "other")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "other" / "server.pem", tmp_path / "other" / "server.key")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with pytest.raises(FederationError, match="fails verification"):
+            probe_superlink(f"127.0.0.1:{port}", pki / "superlink" / "ca.crt", timeout_s=5.0)
+        thread.join(timeout=5)
+
+
+def test_connection_file_round_trip_and_cli_errors(pki: Path, tmp_path: Path, capsys) -> None:
+    home = tmp_path / "flwr"
+    write_connection(home, "consortium", address="127.0.0.1:9093", ca_cert=pki / "superlink" / "ca.crt")
+    conn = read_connection(home, "consortium")
+    assert conn.address == "127.0.0.1:9093" and conn.ca_cert == (pki / "superlink" / "ca.crt").resolve()
+    with pytest.raises(FederationError, match="not in"):
+        read_connection(home, "other")
+    port = free_port()
+    code = main(
+        [
+            "federation",
+            "connect",
+            "x",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(pki / "superlink/ca.crt"),
+            "--flwr-home",
+            str(home),
+        ]
+    )
+    assert code == 2 and "cannot reach the SuperLink" in capsys.readouterr().err
+    code = main(
+        [
+            "supernode",
+            "--institution",
+            "bank-01",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(pki / "superlink/ca.crt"),
+            "--key",
+            str(tmp_path / "nokey"),
+            "--data",
+            "x.csv",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
+    )
+    assert code == 2 and "node private key not found" in capsys.readouterr().err
+
+
+def test_resume_needs_a_run_name() -> None:
+    with pytest.raises(ConfigError, match="federation.resume"):
+        apply_overrides(default_config(), {"federation.resume": True})
+    config = apply_overrides(default_config(), {"federation.run_name": "q1-2025"})
+    assert config.federation.identity(7) == "q1-2025"
+    assert default_config().federation.identity(7) == 7
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(DEPLOY) for p in DEPLOY.rglob("*.yaml")), ids=str)
+def test_deploy_manifests_are_valid_yaml(path: Path) -> None:
+    """Docker and Kubernetes cannot run here; at least every manifest parses and names what it must."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / path).read_text()) if d is not None]
+    assert docs
+    for doc in docs:
+        if "kind" in doc:
+            assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), path
+    if path.name == "compose.yaml":
+        assert {"superlink", "bank-01", "bank-02", "bank-03"} <= set(docs[0]["services"])
+        assert len(docs[0]["volumes"]) == 4
+    if path.parts[0] == "k8s" and "supernode" in path.name:
+        kinds = [d["kind"] for d in docs]
+        assert kinds.count("Deployment") == 1 and kinds.count("PersistentVolumeClaim") == 2

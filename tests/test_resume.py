@@ -1,0 +1,83 @@
+"""Resume: an interrupted run continued from its checkpoint ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.resume import STATE_FILE, config_fingerprint, load_resume_point
+from shared.config import SyntheticConfig, apply_overrides, default_config
+from shared.errors import ConfigError
+from shared.simulation import plan_simulation, run_simulation
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _config(out: Path, *, rounds: int, resume: bool = False):
+    base = default_config()
+    config = dataclasses.replace(
+        base,
+        rounds=rounds,
+        seed=3,
+        output_dir=str(out),
+        data=dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=500)),
+        simulation=dataclasses.replace(base.simulation, ray_num_cpus=2),
+    )
+    return apply_overrides(
+        config, {"strategy.name": "fedadam", "federation.run_name": "r1", "federation.resume": resume}
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    straight = tmp_path_factory.mktemp("straight")
+    run_simulation(plan_simulation(_config(straight, rounds=2)))
+    interrupted = tmp_path_factory.mktemp("interrupted")
+    run_simulation(plan_simulation(_config(interrupted, rounds=1)))  # "dies" after round 1
+    run_simulation(plan_simulation(_config(interrupted, rounds=2, resume=True)))
+    return straight, interrupted
+
+
+def test_resumed_run_matches_an_uninterrupted_one(runs: tuple[Path, Path]) -> None:
+    straight, interrupted = runs
+    a = np.load(straight / "checkpoints" / "encoder-round-0002.npz")
+    b = np.load(interrupted / "checkpoints" / "encoder-round-0002.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])  # same encoder, FedAdam moments and round numbers
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((interrupted / "summary.json").read_text())
+    assert sb["rounds"] == 2 and len(sb["seconds_per_round"]) == 2
+    for name, metrics in sa["institutions"].items():
+        assert sb["institutions"][name]["epsilon"] == pytest.approx(metrics["epsilon"])  # accounting continued
+        assert sb["institutions"][name]["auc"] == pytest.approx(metrics["auc"])
+    lines = [json.loads(x) for x in (interrupted / "rounds.jsonl").read_text().splitlines()]
+    assert sorted({(r["round"], r["phase"]) for r in lines}) == [
+        (1, "evaluate"),
+        (1, "train"),
+        (2, "evaluate"),
+        (2, "train"),
+    ]
+    state = json.loads((interrupted / "checkpoints" / STATE_FILE).read_text())
+    assert state["round"] == 2 and state["run_name"] == "r1"
+    moments = np.load(interrupted / "checkpoints" / "strategy-round-0002.npz")
+    assert any("/m_t/" in k for k in moments.files) and any("/v_t/" in k for k in moments.files)
+
+
+def test_resume_refuses_another_run_or_a_changed_config(runs: tuple[Path, Path]) -> None:
+    _, interrupted = runs
+    config = _config(interrupted, rounds=3, resume=True)
+    assert load_resume_point(config, interrupted).completed_round == 2
+    other = apply_overrides(config, {"federation.run_name": "r2"})
+    with pytest.raises(ConfigError, match="belongs to run 'r1'"):
+        load_resume_point(other, interrupted)
+    changed = apply_overrides(config, {"privacy.noise_multiplier": 2.0})
+    assert config_fingerprint(changed) != config_fingerprint(config)
+    with pytest.raises(ConfigError, match="config differs"):
+        load_resume_point(changed, interrupted)
+    with pytest.raises(ConfigError, match="already completed 2 rounds"):
+        load_resume_point(_config(interrupted, rounds=1, resume=True), interrupted)
