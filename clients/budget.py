@@ -10,10 +10,8 @@ never exceeded, not even by one round.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import logging
 import math
-import platform
 from typing import TYPE_CHECKING, Any
 
 from clients.state import InstitutionState
@@ -21,6 +19,7 @@ from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from shared.errors import FedChurnError
 from shared.ledger import InstitutionLedger
 from shared.privacy import epsilon_of
+from shared.provenance import library_versions
 
 if TYPE_CHECKING:  # clients.institution calls into this module
     from clients.institution import Institution
@@ -84,28 +83,11 @@ def check_budget(
     raise BudgetDeclined(institution.name, server_round, decline)
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def library_versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "opacus": _version("opacus"),
-        "torch": _version("torch"),
-        "flwr": _version("flwr"),
-        "fedchurn": _version("fedchurn"),
-    }
-
-
 def record_round(
     institution: Institution,
     state: InstitutionState,
     *,
-    run_id: int,
+    run_id: int | str,
     server_round: int,
     noise_multiplier: float,
     sample_rate: float,
@@ -120,7 +102,7 @@ def record_round(
     record: dict[str, Any] = {
         "kind": "train",
         "institution": institution.name,
-        "run_id": int(run_id),
+        "run_id": run_id,
         "round": int(server_round),
         "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "mechanism": "DP-SGD (Poisson-subsampled Gaussian)",

@@ -186,7 +186,7 @@ def train_round(
     record_round(
         institution,
         state,
-        run_id=run_id,
+        run_id=config.federation.identity(run_id),
         server_round=server_round,
         noise_multiplier=report.noise_multiplier,
         sample_rate=report.sample_rate,

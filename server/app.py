@@ -57,7 +57,8 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
         min_available=config.strategy.min_replies,
         transfer_mode=config.transfer.mode,
     )
-    oversight = PrivacyOversight(config, output_dir, run_id=run_id)  # declines, consortium ledger, institution DP
+    run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
+    oversight = PrivacyOversight(config, output_dir, run_id=run_identity)  # declines, consortium ledger, institution DP
     result = resumable.attach(recorder, oversight.wrap(strategy)).start(
         grid=grid,
         initial_arrays=to_array_record(
@@ -87,7 +88,8 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     )
     summary = recorder.summary(
         extra={
-            "run_id": run_id,
+            "run_id": run_identity,
+            "flower_run_id": run_id,
             "seconds": round(time.perf_counter() - started, 3),
             "strategy": config.strategy.name,
             **oversight.summary(),  # budget (who stopped, when, at what ε), institution_dp, consortium_ledger

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -90,12 +91,21 @@ class DeclineScreen(Strategy):
 class PrivacyOversight:
     """Round observer in front of the run recorder; see the module docstring."""
 
-    def __init__(self, config: FedChurnConfig, output_dir: Path, *, run_id: int) -> None:
+    def __init__(self, config: FedChurnConfig, output_dir: Path, *, run_id: int | str) -> None:
         self.config = config
         self.run_id = run_id
-        self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=True)
+        # A resumed run continues its chain and remembers who already stopped; a new run starts both afresh.
+        resuming = config.federation.resume
+        self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=not resuming)
         self.declines: list[dict[str, Any]] = []
         self.stopped: dict[str, dict[str, Any]] = {}  # institution -> its first decline
+        if resuming:
+            for entry in self.ledger.entries():
+                record = json.loads(entry.record_json)
+                if record.get("kind") == "decline" and record.get("run_id") == run_id:
+                    decline = {k: v for k, v in record.items() if k not in ("kind", "run_id", "recorded_at")}
+                    self.declines.append(decline)
+                    self.stopped.setdefault(decline["institution"], decline)
         self.releases: list[Release] = []
         self._weights: dict[int, list[float]] = {}
         self._forward: RoundObserver | None = None

@@ -66,7 +66,7 @@ class RoundRow:
 class InstitutionAudit:
     name: str
     ledger: Path
-    run_id: int | None = None
+    run_id: int | str | None = None
     tampering: list[str] = field(default_factory=list)  # chain breaks, each naming the record
     findings: list[str] = field(default_factory=list)  # disagreements: ε, budget, cross-checks
     rounds: list[RoundRow] = field(default_factory=list)
@@ -113,7 +113,7 @@ class InstitutionAudit:
 @dataclass
 class RunAudit:
     run_dir: Path
-    run_id: int | None
+    run_id: int | str | None
     institutions: list[InstitutionAudit]
     consortium_problems: list[str] = field(default_factory=list)
     institution_dp: dict[str, Any] | None = None
@@ -173,7 +173,8 @@ def audit_run(run_dir: Path) -> RunAudit:
             "is this a run folder of a run with DP enabled?"
         )
     summary = _read_json(run_dir / SUMMARY_FILE) or {}
-    run_id = summary.get("run_id") if isinstance(summary.get("run_id"), int) else None
+    # The run identity: federation.run_name when the run had one (it survives a resume), else Flower's run id.
+    run_id = summary.get("run_id") if isinstance(summary.get("run_id"), (int, str)) else None
     consortium, consortium_problems = _consortium(run_dir, run_id)
     stopped = (summary.get("budget") or {}).get("stopped") or {}
     audits = [_audit_institution(folder, run_id, consortium, stopped.get(folder.name)) for folder in folders]
@@ -186,7 +187,7 @@ def audit_run(run_dir: Path) -> RunAudit:
     )
 
 
-def _consortium(run_dir: Path, run_id: int | None) -> tuple[list[dict[str, Any]], list[str]]:
+def _consortium(run_dir: Path, run_id: int | str | None) -> tuple[list[dict[str, Any]], list[str]]:
     path = run_dir / CONSORTIUM_LEDGER_FILE
     if not path.is_file():
         return [], []
@@ -227,7 +228,7 @@ def _institution_dp(consortium: list[dict[str, Any]], problems: list[str]) -> di
 
 
 def _audit_institution(
-    folder: Path, run_id: int | None, consortium: list[dict[str, Any]], stopped: dict[str, Any] | None
+    folder: Path, run_id: int | str | None, consortium: list[dict[str, Any]], stopped: dict[str, Any] | None
 ) -> InstitutionAudit:
     ledger = InstitutionLedger.in_folder(folder)
     audit = InstitutionAudit(name=folder.name, ledger=ledger.path, stopped=stopped)
@@ -243,7 +244,7 @@ def _audit_institution(
             audit.findings.append("the ledger holds no records")
         return audit
     chosen = run_id if run_id is not None else records[-1].get("run_id")
-    audit.run_id = chosen if isinstance(chosen, int) else None
+    audit.run_id = chosen if isinstance(chosen, (int, str)) else None
     records = [r for r in records if r.get("run_id") == chosen]
     if not records:
         audit.findings.append(f"the ledger holds no record of run {chosen} (the run in summary.json)")

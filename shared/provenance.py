@@ -14,6 +14,7 @@ federation's features is refused, naming the features that differ).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -68,6 +69,12 @@ def file_fingerprint(path: str | Path) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of what produced a result (checkpoints, ledger records)."""
+    return dict(_library_versions())
+
+
+@functools.cache  # metadata look-ups cost milliseconds; versions do not change while a process runs
+def _library_versions() -> tuple[tuple[str, str], ...]:
     # str(): torch.__version__ is a TorchVersion, which a weights-only torch.load refuses
     versions = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
     for package in ("ray", "fedchurn", "opacus", "flwr"):
@@ -75,7 +82,7 @@ def library_versions() -> dict[str, str]:
             versions[package] = importlib_metadata.version(package)
         except importlib_metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    return versions
+    return tuple(versions.items())
 
 
 def schema_metadata(schema: SchemaConfig, *, with_label: bool) -> dict[str, Any]:
