@@ -14,7 +14,8 @@ from shared.model import ChurnModel
 def predict_logits(model: ChurnModel, x: np.ndarray, *, batch_size: int = 8192) -> torch.Tensor:
     """Churn logit per row, in row order."""
     model.eval()
-    parts = [model(torch.from_numpy(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device
+    parts = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 

@@ -115,11 +115,18 @@ def load_data(institution: Institution) -> PreparedInstitution:
     return prepared
 
 
+def _device(config: FedChurnConfig) -> torch.device:
+    """A GPU when the institution was given one (simulation.client_num_gpus > 0) and CUDA sees it."""
+    if config.simulation.client_num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def _build_model(institution: Institution, data: PreparedInstitution, state: InstitutionState) -> ChurnModel:
     # Every institution's head starts from the same seeded weights: their encoders then drift alike in
     # early rounds, so averaging them does not scramble what the heads learned.
     torch.manual_seed(derive_seed(institution.config.seed, "head"))
-    model = build_model(institution.config.model, input_dim=len(data.feature_names))
+    model = build_model(institution.config.model, input_dim=len(data.feature_names)).to(_device(institution.config))
     if state.head is not None:
         load_head_state(model, state.head, what=f"saved head of {institution.name} in {institution.state_dir}")
     return model

@@ -68,7 +68,8 @@ def train_locally(
         optimizer = torch.optim.SGD(trainable, lr=training.learning_rate, momentum=training.momentum)
     else:
         optimizer = torch.optim.Adam(trainable, lr=training.learning_rate)
-    dataset = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
+    device = next(model.parameters()).device  # cuda when the institution was given a GPU
+    dataset = TensorDataset(torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device))
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
     sample_rate = sample_rate_for(dataset_size=n_train, batch_size=training.batch_size)

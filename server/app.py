@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flwr
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -21,7 +19,7 @@ from server.strategy import make_strategy
 from shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
 from shared.data import derive_seed, resolve_schema
 from shared.model import build_model, encoder_arrays, save_encoder_checkpoint
-from shared.provenance import load_checked_encoder
+from shared.provenance import library_versions, load_checked_encoder
 from shared.sharing import initial_shared_arrays, save_global_head, split_shared
 from shared.wire import from_array_record, to_array_record
 
@@ -49,6 +47,7 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     encoder = initial_encoder(config, feature_names)
     # Read before the recorder truncates rounds.jsonl: the checkpoint to continue from (federation.resume).
     resumable = ResumableRun.prepare(config, output_dir, flower_run_id=run_id)
+    run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
 
     recorder = RunRecorder(output_dir, rounds=config.rounds)
     strategy = make_strategy(
@@ -57,7 +56,6 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
         min_available=config.strategy.min_replies,
         transfer_mode=config.transfer.mode,
     )
-    run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
     oversight = PrivacyOversight(config, output_dir, run_id=run_identity)  # declines, consortium ledger, institution DP
     result = resumable.attach(recorder, oversight.wrap(strategy)).start(
         grid=grid,
@@ -80,7 +78,7 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
         model=config.model,
         feature_names=feature_names,
         metadata={
-            "run_id": run_id,
+            "run_id": run_identity,
             "rounds": recorder.completed_rounds,
             "origin": "federated",
             "transfer_mode": config.transfer.mode,
@@ -101,11 +99,7 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
                 "composition": "cumulative over every round each institution trained",
                 "not_covered": "metrics sent to the server (AUC, loss, counts) are not protected by DP",
             },
-            "versions": {
-                "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": library_versions(),
             "config": config_to_dict(config),
         }
     )

@@ -153,11 +153,12 @@ class VectorizedDPOptimizer:
         batch = self._batch_size()
         # The loss was a mean over the actual rows: undo it, to get each row's own gradient (as Opacus does).
         scale = float(batch)
-        squared = torch.zeros(batch)
+        device = self.layers[0].weight.device if self.layers else torch.device("cpu")
+        squared = torch.zeros(batch, device=device)
         deltas = {}
         for layer in self.layers:
-            delta = self._grads.get(layer, torch.zeros(batch, layer.out_features)) * scale
-            activation = self._inputs.get(layer, torch.zeros(batch, layer.in_features))
+            delta = self._grads.get(layer, torch.zeros(batch, layer.out_features, device=device)) * scale
+            activation = self._inputs.get(layer, torch.zeros(batch, layer.in_features, device=device))
             deltas[layer] = (delta, activation)
             delta_sq = delta.pow(2).sum(dim=1)
             if layer.weight.requires_grad:

@@ -559,13 +559,19 @@ def _make_private_vectorized(
     sample_rate = 1.0 / steps
     size = len(data_loader.dataset)  # type: ignore[arg-type]
     rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    noise_rng = rng
+    parameter = next(module.parameters(), None)
+    if parameter is not None and parameter.device.type != "cpu":  # noise is drawn where the gradients live
+        noise_rng = torch.Generator(device=parameter.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=rng))
+        )
     private_optimizer = dp_sgd.VectorizedDPOptimizer(
         module,
         optimizer,
         noise_multiplier=noise_multiplier,
         clipping_norm=clipping_norm,
         expected_batch_size=max(1, int(size * sample_rate)),
-        generator=rng,
+        generator=noise_rng,
     )
     loader = dp_sgd.PoissonBatches(data_loader.dataset, sample_rate=sample_rate, steps=steps, generator=rng)
     return PrivateTraining(
