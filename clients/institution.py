@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
 
 _NAMES_CACHE: dict[str, list[str]] = {}
 _DATA_CACHE: OrderedDict[tuple[str, str], PreparedInstitution] = OrderedDict()
-_DATA_CACHE_SIZE = 256  # a Ray worker serves many institutions: bound what it keeps
+# A Ray worker serves many institutions: keep their prepared rows (re-reading and re-preprocessing them for
+# every message is the dearest part of a small round), bounded by bytes, least recently used out first.
+_DATA_CACHE_BYTES = int(os.environ.get("FEDCHURN_WORKER_CACHE_MB", "2048")) * 2**20
+_data_cache_used = 0
 
 
 def _data_key(config: FedChurnConfig) -> str:
@@ -109,10 +113,17 @@ def load_data(institution: Institution) -> PreparedInstitution:
         _DATA_CACHE.move_to_end(key)
         return _DATA_CACHE[key]
     prepared = prepare_institution(institution.config, institution.name)
+    global _data_cache_used
     _DATA_CACHE[key] = prepared
-    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
-        _DATA_CACHE.popitem(last=False)
+    _data_cache_used += _nbytes(prepared)
+    while len(_DATA_CACHE) > 1 and _data_cache_used > _DATA_CACHE_BYTES:
+        _data_cache_used -= _nbytes(_DATA_CACHE.popitem(last=False)[1])
     return prepared
+
+
+def _nbytes(prepared: PreparedInstitution) -> int:
+    arrays = (prepared.x_train, prepared.y_train, prepared.x_val, prepared.y_val, prepared.x_test, prepared.y_test)
+    return sum(a.nbytes for a in arrays)
 
 
 def _device(config: FedChurnConfig) -> torch.device:
