@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from shared.errors import PrivacyError
 
@@ -82,24 +82,22 @@ def _rdp(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
 
 def pld_epsilon(history: History, *, delta: float) -> float:
     """ε of the history by dp-accounting's PLD accountant (0.0 for no steps, inf for σ = 0)."""
-    clean = _check(history, delta)
-    if not clean:
-        return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in clean):
-        return math.inf
-    with _quiet():
-        return _pld(clean, float(delta))
+    return _composed(history, delta, _pld)
 
 
 def rdp_epsilon(history: History, *, delta: float) -> float:
     """ε of the history by dp-accounting's RDP accountant (its own order grid and conversion)."""
+    return _composed(history, delta, _rdp)
+
+
+def _composed(history: History, delta: float, accountant: Callable[[History, float], float]) -> float:
     clean = _check(history, delta)
     if not clean:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in clean):
         return math.inf
     with _quiet():
-        return _rdp(clean, float(delta))
+        return accountant(clean, float(delta))
 
 
 def gaussian_epsilon(noise_multipliers: Sequence[float], *, delta: float) -> float:
