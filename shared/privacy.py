@@ -474,11 +474,7 @@ def make_private(
             )
         logger.info("the model has layers the vectorized engine does not handle: using Opacus' hooks")
 
-    noise_generator = generator
-    parameter = next(module.parameters(), None)
-    if generator is not None and parameter is not None and parameter.device.type != "cpu":
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        noise_generator = torch.Generator(device=parameter.device).manual_seed(seed)
+    noise_generator = _noise_generator(module, generator) if generator is not None else None
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # a deliberate choice, see docstring
@@ -543,6 +539,16 @@ class _VectorizedRun:
         )
 
 
+def _noise_generator(module: nn.Module, generator: torch.Generator) -> torch.Generator:
+    """``generator`` itself on the CPU; on a GPU, a generator there seeded from it (noise is drawn where the
+    gradients live)."""
+    parameter = next(module.parameters(), None)
+    if parameter is None or parameter.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return torch.Generator(device=parameter.device).manual_seed(seed)
+
+
 def _make_private_vectorized(
     *,
     module: nn.Module,
@@ -559,12 +565,7 @@ def _make_private_vectorized(
     sample_rate = 1.0 / steps
     size = len(data_loader.dataset)  # type: ignore[arg-type]
     rng = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-    noise_rng = rng
-    parameter = next(module.parameters(), None)
-    if parameter is not None and parameter.device.type != "cpu":  # noise is drawn where the gradients live
-        noise_rng = torch.Generator(device=parameter.device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=rng))
-        )
+    noise_rng = _noise_generator(module, rng)
     private_optimizer = dp_sgd.VectorizedDPOptimizer(
         module,
         optimizer,
