@@ -195,11 +195,12 @@ def train_round(
         proximal_mu=proximal_mu,
         seed=derive_seed(config.seed, institution.name, server_round, "train"),
     )
+    if state.rounds_trained == 0:  # fixed for the run: written to the bank's disk once, for scoring later
+        state.preprocessor = data.preprocessor.to_dict()
     state.accountant = report.accountant
     state.head = head_state(model)
     state.rounds_trained += 1
     state.last_epsilon = report.epsilon
-    state.preprocessor = data.preprocessor.to_dict()
     store.save(state, context_state)
     record_round(
         institution,

@@ -67,14 +67,14 @@ class StateStore:
         return state
 
     def save(self, state: InstitutionState, context_state: RecordDict) -> None:
-        privacy_json = json.dumps(state.privacy_record())
-        context_state[_CONTEXT_PRIVACY] = ConfigRecord({"json": privacy_json})
+        record = state.privacy_record()
+        context_state[_CONTEXT_PRIVACY] = ConfigRecord({"json": json.dumps(record)})
         if state.head is not None:
             context_state[_CONTEXT_HEAD] = ArrayRecord({k: v for k, v in state.head.items()})
         self.folder.mkdir(parents=True, exist_ok=True)
         if state.head is not None:
             _atomic_torch_save(state.head, self.folder / HEAD_FILE)
-        _atomic_write(self.folder / PRIVACY_FILE, json.dumps(state.privacy_record(), indent=2))
+        _atomic_write(self.folder / PRIVACY_FILE, json.dumps(record, indent=2))
         if state.preprocessor is not None:
             _atomic_write(self.folder / PREPROCESSOR_FILE, json.dumps(state.preprocessor, indent=2))
 
