@@ -25,6 +25,7 @@ from clients.evaluation import evaluate
 from clients.state import InstitutionState, StateStore
 from clients.training import steps_per_round
 from clients.transfer import train_round_phases
+from shared.bank_random import SeedSource
 from shared.config import FedChurnConfig, config_to_dict
 from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
 from shared.errors import FedChurnError
@@ -49,6 +50,7 @@ class Institution:
     name: str
     config: FedChurnConfig  # the run's config, with the data section as this institution sees it
     state_dir: Path
+    real_bank: bool = False  # a real SuperNode (node config names the institution), not a simulated one
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:
@@ -70,7 +72,9 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
             institutions=(),
         )
         state_dir = Path(str(node_config.get(NODE_STATE_DIR, Path("fedchurn-state") / name)))
-        return Institution(name=name, config=dataclasses.replace(config, data=data), state_dir=state_dir)
+        return Institution(
+            name=name, config=dataclasses.replace(config, data=data), state_dir=state_dir, real_bank=True
+        )
     if NODE_PARTITION_ID in node_config:
         names = _institution_names(config)
         partition = int(node_config[NODE_PARTITION_ID])
@@ -143,6 +147,13 @@ def _build_model(institution: Institution, data: PreparedInstitution, state: Ins
     return model
 
 
+def _seeds(institution: Institution, server_round: int) -> SeedSource:
+    """Fresh secret seeds (the OS CSPRNG) for this call's noise and batches; seeded only under the research switch."""
+    if institution.config.privacy.reproducible_noise:
+        return SeedSource(reproducible_from=(institution.config.seed, institution.name, server_round, "train"))
+    return SeedSource()
+
+
 @dataclass(frozen=True)
 class TrainResult:
     encoder: dict[str, np.ndarray]
@@ -193,7 +204,7 @@ def train_round(
         accountant=state.accountant,
         noise_multiplier=state.noise_multiplier or 0.0,
         proximal_mu=proximal_mu,
-        seed=derive_seed(config.seed, institution.name, server_round, "train"),
+        seed=_seeds(institution, server_round).next_seed(),
     )
     if state.rounds_trained == 0:  # fixed for the run: written to the bank's disk once, for scoring later
         state.preprocessor = data.preprocessor.to_dict()

@@ -12,8 +12,8 @@ import math
 import numpy as np
 
 from clients.training import TrainReport, train_locally
+from shared.bank_random import derive_seed64
 from shared.config import FedChurnConfig
-from shared.data import derive_seed
 from shared.model import ChurnModel
 from shared.privacy import AccountantState
 from shared.transfer import round_phases
@@ -30,7 +30,10 @@ def train_round_phases(
     proximal_mu: float,
     seed: int,
 ) -> TrainReport:
-    """Run every phase of one round in order; the report covers them all (steps summed, final history and ε)."""
+    """Run every phase of one round in order; the report covers them all (steps summed, final history and ε).
+
+    ``seed`` seeds the noise and the Poisson batches: a fresh secret one per call at a bank (shared/bank_random).
+    """
     phases = round_phases(config.transfer, local_epochs=config.training.local_epochs)
     reports: list[TrainReport] = []
     for index, phase in enumerate(phases):
@@ -43,7 +46,7 @@ def train_round_phases(
             accountant=accountant,
             noise_multiplier=noise_multiplier,
             proximal_mu=proximal_mu if phase.parts != "head" else 0.0,  # the proximal pull acts on the encoder
-            seed=seed if len(phases) == 1 else derive_seed(seed, "phase", index),
+            seed=seed if len(phases) == 1 else derive_seed64(seed, "phase", index),  # secret if seed is
             parts=phase.parts,
         )
         accountant = report.accountant

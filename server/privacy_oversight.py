@@ -36,6 +36,12 @@ from shared.wire import WEIGHT_KEY
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
 
+SECRET_NOISE = "secret: drawn at each bank from its OS CSPRNG, fresh every call"
+NOT_PRIVATE_NOISE = (
+    "not private against the server: noise and batches seeded from the config's seed (privacy.reproducible_noise, "
+    "a simulation-only research switch)"
+)
+
 __all__ = ["CONSORTIUM_LEDGER_FILE", "DeclineScreen", "PrivacyOversight"]
 
 
@@ -99,6 +105,8 @@ class PrivacyOversight:
         self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=not resuming)
         self.declines: list[dict[str, Any]] = []
         self.stopped: dict[str, dict[str, Any]] = {}  # institution -> its first decline
+        if config.privacy.reproducible_noise:  # the run header says it, before any round
+            progress.warning("privacy.reproducible_noise is on: %s", NOT_PRIVATE_NOISE)
         if resuming:
             for entry in self.ledger.entries():
                 record = json.loads(entry.record_json)
@@ -215,6 +223,7 @@ class PrivacyOversight:
                 "declines": self.declines,
             },
             "institution_dp": institution_dp,
+            "noise": NOT_PRIVATE_NOISE if self.config.privacy.reproducible_noise else SECRET_NOISE,
             "consortium_ledger": CONSORTIUM_LEDGER_FILE,
         }
 

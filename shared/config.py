@@ -212,6 +212,9 @@ class PrivacyConfig:
     # Same mechanism, two implementations: "vectorized" computes exact per-row norms for MLPs without Opacus'
     # per-sample hooks (several times faster); "opacus" uses Opacus' hooks for any model.
     implementation: Literal["vectorized", "opacus"] = "vectorized"
+    # Research switch, simulation only: noise and batches seeded from `seed` (bit-identical reruns) instead of
+    # the bank's secret randomness. NOT private against the server; a bank on a real SuperNode refuses it.
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -800,6 +803,7 @@ privacy:
   delta: 1.0e-5
   accountant: rdp
   implementation: vectorized # same DP-SGD as Opacus' hooks, faster for MLPs (or: opacus)
+  reproducible_noise: false  # research only: seeded noise and split (not private against the server)
 strategy:
   name: fedavg               # fedavg | fedprox | fedadam
   min_replies: 1

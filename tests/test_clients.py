@@ -138,8 +138,7 @@ def test_target_epsilon_is_met_over_the_whole_run(tmp_path: Path) -> None:
     assert metrics["epsilon"] == pytest.approx(2.0, rel=0.02)
 
 
-def test_same_seed_same_update(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+def _first_round_updates(tmp_path: Path, config: FedChurnConfig) -> list[dict[str, np.ndarray]]:
     encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
     replies = []
     for run_id in (21, 22):
@@ -149,8 +148,19 @@ def test_same_seed_same_update(tmp_path: Path) -> None:
                 _send(app, _context(config, run_id=run_id), encoder, MessageType.TRAIN, 1).content["arrays"]
             )
         )
-    for key in replies[0]:
-        np.testing.assert_array_equal(replies[0][key], replies[1][key])
+    return replies
+
+
+def test_same_seed_gives_different_noise_by_default(tmp_path: Path) -> None:
+    # The noise comes from the bank's secret randomness, not from the config's seed: the server cannot regenerate it.
+    first, second = _first_round_updates(tmp_path, _config(tmp_path))
+    assert any(not np.array_equal(first[key], second[key]) for key in first)
+
+
+def test_same_seed_same_update_only_with_reproducible_noise(tmp_path: Path) -> None:
+    first, second = _first_round_updates(tmp_path, _config(tmp_path, reproducible_noise=True))
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_no_dp_run_reports_no_epsilon(tmp_path: Path) -> None:
