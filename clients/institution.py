@@ -25,9 +25,16 @@ from clients.evaluation import evaluate
 from clients.state import InstitutionState, StateStore
 from clients.training import steps_per_round
 from clients.transfer import train_round_phases
-from shared.bank_random import SeedSource
+from shared.bank_random import SeedSource, bank_secret_key, renew_bank_secret_key
 from shared.config import FedChurnConfig, config_to_dict
-from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
+from shared.data import (
+    PreparedInstitution,
+    UnbalancedSplitError,
+    derive_seed,
+    institution_names,
+    prepare_institution,
+    resolve_schema,
+)
 from shared.errors import FedChurnError
 from shared.model import ChurnModel, build_model, head_state, load_head_state
 from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
@@ -111,18 +118,42 @@ def _institution_names(config: FedChurnConfig) -> list[str]:
 
 
 def load_data(institution: Institution) -> PreparedInstitution:
-    """The institution's prepared splits, cached per worker and keyed by institution and data config."""
-    key = (_data_key(institution.config), institution.name)
+    """The institution's prepared splits, cached per worker and keyed by institution, state folder and data config.
+
+    The split is keyed by the bank's secret key (its state folder; shared/bank_random), or under the research
+    switch ``privacy.reproducible_noise`` by a key derived from the config's seed.
+    """
+    reproducible = institution.config.privacy.reproducible_noise
+    key = (_data_key(institution.config), f"{institution.name}\x1f{institution.state_dir}\x1f{reproducible}")
     if key in _DATA_CACHE:
         _DATA_CACHE.move_to_end(key)
         return _DATA_CACHE[key]
-    prepared = prepare_institution(institution.config, institution.name)
+    prepared = _prepare(institution)
     global _data_cache_used
     _DATA_CACHE[key] = prepared
     _data_cache_used += _nbytes(prepared)
     while len(_DATA_CACHE) > 1 and _data_cache_used > _DATA_CACHE_BYTES:
         _data_cache_used -= _nbytes(_DATA_CACHE.popitem(last=False)[1])
     return prepared
+
+
+def _prepare(institution: Institution) -> PreparedInstitution:
+    if institution.config.privacy.reproducible_noise:
+        return prepare_institution(institution.config, institution.name)  # a key derived from the seed
+    split_key, created = bank_secret_key(institution.state_dir)
+    for attempt in range(_KEY_ATTEMPTS):
+        try:
+            return prepare_institution(institution.config, institution.name, split_key=split_key)
+        except UnbalancedSplitError:
+            # A key this very call created has split nothing anyone used: another secret key is no reshuffle of
+            # trained rows. A key already in use is never replaced here: the error names the fix.
+            if not created or attempt == _KEY_ATTEMPTS - 1:
+                raise
+            split_key = renew_bank_secret_key(institution.state_dir)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_KEY_ATTEMPTS = 8
 
 
 def _nbytes(prepared: PreparedInstitution) -> int:

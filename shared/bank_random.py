@@ -84,17 +84,17 @@ def reproducible_key(seed: int, institution: str) -> bytes:
     return hashlib.sha256(f"fedchurn-reproducible-split\x1f{seed}\x1f{institution}".encode()).digest()
 
 
-def bank_secret_key(folder: Path) -> bytes:
-    """The bank's secret key in ``folder`` (created once: 32 bytes from the CSPRNG, file mode 0600)."""
+def bank_secret_key(folder: Path) -> tuple[bytes, bool]:
+    """The bank's secret key in ``folder`` and whether this call created it (32 CSPRNG bytes, file mode 0600)."""
     path = folder / BANK_KEY_FILE
     folder.mkdir(parents=True, exist_ok=True)
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return _read_key(path)
+        return _read_key(path), False
     except OSError as exc:
         raise FedChurnError(
-            f"cannot create the bank's secret key {path}: {exc.strerror}; make the state folder writable"
+            f"cannot create the bank's secret key in its state folder: {exc.strerror}; make the folder writable"
         ) from None
     key = secrets.token_bytes(KEY_BYTES)
     with os.fdopen(descriptor, "wb") as handle:
@@ -102,6 +102,20 @@ def bank_secret_key(folder: Path) -> bytes:
         handle.flush()
         os.fsync(handle.fileno())
     logger.info("created the bank's secret key %s (mode 0600)", path)
+    return key, True
+
+
+def renew_bank_secret_key(folder: Path) -> bytes:
+    """Replace the key just created (never one already used for training): 32 new CSPRNG bytes, mode 0600."""
+    path = folder / BANK_KEY_FILE
+    tmp = path.with_name(path.name + ".new")
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    key = secrets.token_bytes(KEY_BYTES)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
     return key
 
 

@@ -839,8 +839,22 @@ def _class_counts(n: int, validation_fraction: float, test_fraction: float) -> t
     return n - n_val - n_test, n_val, n_test
 
 
-def split_institution(table: RawTable, *, validation_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Seeded split, stratified by label: each part gets at least one churned and one retained customer."""
+class UnbalancedSplitError(DataError):
+    """A part of the secret split lacks a churned or a retained customer."""
+
+
+def split_institution(table: RawTable, *, validation_fraction: float, test_fraction: float, key: bytes) -> Split:
+    """A secret split, stable per row: each row's part comes from its own coin, HMAC-SHA256(key, row).
+
+    The coin is uniform in [0, 1) and independent across distinct rows; below ``validation_fraction`` the row
+    validates, below ``validation_fraction + test_fraction`` it tests, otherwise it trains. Adding, removing or
+    reordering other rows moves no row, and without the bank's secret ``key`` nobody can tell which rows train.
+    Each part must hold at least one churned and one retained customer: when it does not, this is an error
+    (:class:`UnbalancedSplitError`) that names the fix, never a silent reshuffle.
+    """
+    from shared.bank_random import row_coin
+    from shared.row_identity import row_bytes
+
     if not (0.0 < validation_fraction < 1.0 and 0.0 < test_fraction < 1.0 and validation_fraction + test_fraction < 1):
         raise ConfigError(
             "data.validation_fraction",
@@ -864,17 +878,22 @@ def split_institution(table: RawTable, *, validation_fraction: float, test_fract
             fix="add rows, merge it with another institution's data at the source, or leave it out via "
             "data.institutions",
         )
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for cls in (0, 1):
-        members = np.flatnonzero(table.labels == cls)
-        rng.shuffle(members)
-        n_train, n_val, _ = _class_counts(len(members), validation_fraction, test_fraction)
-        parts[0].append(members[:n_train])
-        parts[1].append(members[n_train : n_train + n_val])
-        parts[2].append(members[n_train + n_val :])
-    # Sorted: each part keeps the file's row order, which makes errors and inspection easier.
-    train, validation, test = (table.take(np.sort(np.concatenate(p))) for p in parts)
+    coins = np.array([row_coin(key, row) for row in row_bytes(table)], dtype=np.float64)
+    part_of = np.where(coins < validation_fraction, 1, np.where(coins < validation_fraction + test_fraction, 2, 0))
+    for part, name in ((0, "training"), (1, "validation"), (2, "test")):
+        labels = table.labels[part_of == part]
+        churned = int(labels.sum())
+        if churned == 0 or churned == len(labels):
+            raise UnbalancedSplitError(
+                f"institution {table.institution!r}: its {name} part holds "
+                f"{'no churned' if churned == 0 else 'no retained'} customer ({positives} churned and {negatives} "
+                "retained in all); each row's part is its own secret coin, so a small class can miss a part",
+                path=table.source,
+                fix="add rows, raise data.validation_fraction / data.test_fraction, or give the bank a new secret "
+                "key before it trains (that re-splits every row)",
+            )
+    # np.flatnonzero keeps the file's row order within each part, which makes errors and inspection easier.
+    train, validation, test = (table.take(np.flatnonzero(part_of == part)) for part in (0, 1, 2))
     return Split(train=train, validation=validation, test=test)
 
 
@@ -1077,18 +1096,30 @@ class PreparedInstitution:
     missing_imputed: int = 0  # blank cells filled from the training medians / most frequent values
     rows_dropped: int = 0  # rows dropped for blank cells (missing_values="drop")
     source: str = field(default="")  # where the rows came from (file path or "synthetic")
+    fingerprint: str = ""  # SHA-256 of the institution's rows (shared/row_identity): its ledger's dataset
 
 
-def prepare_institution(config: FedChurnConfig, institution: str) -> PreparedInstitution:
-    """Read, split, fit the preprocessor on the training rows, and transform the three parts."""
+def prepare_institution(
+    config: FedChurnConfig, institution: str, *, split_key: bytes | None = None
+) -> PreparedInstitution:
+    """Read, split, fit the preprocessor on the training rows, and transform the three parts.
+
+    ``split_key`` is the bank's secret key (shared/bank_random.bank_secret_key). Without one (offline tools,
+    research) the key is derived from the config's seed and the institution's name: a split the server can know.
+    """
+    from shared.bank_random import reproducible_key
+    from shared.row_identity import file_fingerprint, table_fingerprint
+
     data = config.data
     table = read_institution(data, institution, seed=config.seed)
     split = split_institution(
         table,
         validation_fraction=data.validation_fraction,
         test_fraction=data.test_fraction,
-        seed=derive_seed("split", config.seed, institution),  # by name: stable whatever the order of institutions
+        key=split_key if split_key is not None else reproducible_key(config.seed, institution),
     )
+    path = data.institution_files.get(institution) if data.source == "csv" else None
+    fingerprint = file_fingerprint(path) if path else table_fingerprint(table)
     preprocessor = Preprocessor.fit(split.train)
 
     def labels(part: RawTable) -> np.ndarray:
@@ -1109,6 +1140,7 @@ def prepare_institution(config: FedChurnConfig, institution: str) -> PreparedIns
         missing_imputed=table.n_blank,
         rows_dropped=table.rows_dropped,
         source=table.source,
+        fingerprint=fingerprint,
     )
     logger.info(
         "%s: %d train / %d validation / %d test rows, %d features, churn rate %.3f",

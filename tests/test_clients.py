@@ -28,6 +28,13 @@ def _task_identity():
     yield
 
 
+def _bank_key(config: FedChurnConfig, name: str) -> bytes:
+    """The virtual bank's secret split key (its state folder), as the bank itself reads it."""
+    from shared.bank_random import bank_secret_key
+
+    return bank_secret_key(Path(config.output_dir) / "institutions" / name)[0]
+
+
 def _config(tmp_path: Path, **privacy) -> FedChurnConfig:
     base = default_config()
     data = dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=500))
@@ -85,7 +92,7 @@ def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes
     # The head stayed, and kept learning across rounds.
     assert not torch.equal(heads[0]["head.layers.0.weight"], heads[2]["head.layers.0.weight"])
     # ε is cumulative: after k rounds it equals one accountant run over all k rounds' steps.
-    prepared = prepare_institution(config, "bank-01")
+    prepared = prepare_institution(config, "bank-01", split_key=_bank_key(config, "bank-01"))
     n = len(prepared.y_train)
     q = sample_rate_for(dataset_size=n, batch_size=config.training.batch_size)
     per_round = steps_per_round(
@@ -170,3 +177,18 @@ def test_no_dp_run_reports_no_epsilon(tmp_path: Path) -> None:
     metrics = _send(app, _context(config), encoder, MessageType.TRAIN, 1).content["metrics"]
     assert metrics["epsilon"] == float("inf")
     assert metrics["noise-multiplier"] == 0.0
+
+
+def test_each_virtual_bank_keeps_its_own_secret_split_key(tmp_path: Path) -> None:
+    import stat
+
+    config = _config(tmp_path)
+    app = make_client_app()
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    keys = []
+    for partition in (0, 1):
+        _send(app, _context(config, partition=partition), encoder, MessageType.TRAIN, 1)
+        path = Path(config.output_dir) / "institutions" / f"bank-0{partition + 1}" / "bank_secret.key"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        keys.append(path.read_bytes())
+    assert len(keys[0]) == len(keys[1]) == 32 and keys[0] != keys[1]

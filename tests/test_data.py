@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from shared.data import (
     SYNTHETIC_SCHEMA,
     Preprocessor,
     RawTable,
+    UnbalancedSplitError,
     _generate_synthetic,
     derive_seed,
     generate_synthetic_institution,
@@ -390,30 +392,73 @@ def test_read_institution_from_files_and_synthetic(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_split_is_stratified_sized_and_disjoint() -> None:
+_KEY = bytes(range(32))
+
+
+def _coin(key: bytes, table: RawTable, i: int) -> float:
+    """The split coin of row i, computed here from its definition: HMAC-SHA256 over the row's canonical JSON."""
+    import hashlib
+    import hmac
+    import json
+
+    numbers = [None if np.isnan(v) else repr(float(v)) for v in table.numeric[i]]
+    label = None if table.labels is None else int(table.labels[i])
+    row = json.dumps([numbers, list(table.categorical[i]), label], separators=(",", ":"), ensure_ascii=False)
+    digest = hmac.new(key, row.encode(), hashlib.sha256).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53
+
+
+def _parts(split) -> dict[int, int]:
+    """CSV line -> part (0 train, 1 validation, 2 test)."""
+    return {
+        int(line): part for part, p in enumerate((split.train, split.validation, split.test)) for line in p.line_numbers
+    }
+
+
+def test_split_is_a_keyed_coin_per_row_sized_and_disjoint() -> None:
     table = synthetic_table(1000)
     assert table.labels is not None
-    split = split_institution(table, validation_fraction=0.15, test_fraction=0.2, seed=3)
+    split = split_institution(table, validation_fraction=0.15, test_fraction=0.2, key=_KEY)
     parts = (split.train, split.validation, split.test)
     lines = np.concatenate([p.line_numbers for p in parts])
     assert sorted(lines.tolist()) == table.line_numbers.tolist()  # disjoint, covering every row
-    rate = table.labels.mean()
-    positives = table.n_positive
+    by_line = _parts(split)
+    for i in range(table.n_rows):  # each row's part is its own coin against the cut points
+        u = _coin(_KEY, table, i)
+        assert by_line[int(table.line_numbers[i])] == (1 if u < 0.15 else 2 if u < 0.35 else 0)
     for part, fraction in ((split.validation, 0.15), (split.test, 0.2)):
-        assert abs(part.n_rows - fraction * 1000) <= 2
-        assert abs(part.n_positive - fraction * positives) <= 1
-        assert part.labels is not None and abs(part.labels.mean() - rate) < 0.01
+        # Binomial(1000, f): 5 standard deviations
+        assert abs(part.n_rows - fraction * 1000) <= 5 * (1000 * fraction * (1 - fraction)) ** 0.5
     assert all(np.all(np.diff(p.line_numbers) > 0) for p in parts)  # file order kept within each part
 
 
-def test_split_is_deterministic() -> None:
+def test_split_is_secret_keyed_and_stable_per_row() -> None:
     table = synthetic_table(500)
-    first = split_institution(table, validation_fraction=0.15, test_fraction=0.2, seed=1)
-    again = split_institution(table, validation_fraction=0.15, test_fraction=0.2, seed=1)
-    other = split_institution(table, validation_fraction=0.15, test_fraction=0.2, seed=2)
+    first = split_institution(table, validation_fraction=0.15, test_fraction=0.2, key=_KEY)
+    again = split_institution(table, validation_fraction=0.15, test_fraction=0.2, key=_KEY)
+    other = split_institution(table, validation_fraction=0.15, test_fraction=0.2, key=b"\x01" * 32)
     np.testing.assert_array_equal(first.test.line_numbers, again.test.line_numbers)
     np.testing.assert_array_equal(first.train.numeric, again.train.numeric)
     assert not np.array_equal(first.test.line_numbers, other.test.line_numbers)
+    # Adding one customer (a new last row) moves no other row; nor does reordering the file.
+    assert table.labels is not None
+    new_row = table.numeric[:1] + 0.5  # a customer not in the table
+    bigger = dataclasses.replace(
+        table,
+        numeric=np.vstack([table.numeric, new_row]),
+        categorical=np.vstack([table.categorical, table.categorical[:1]]),
+        labels=np.append(table.labels, 1),
+        line_numbers=np.append(table.line_numbers, table.line_numbers.max() + 1),
+    )
+    grown = _parts(split_institution(bigger, validation_fraction=0.15, test_fraction=0.2, key=_KEY))
+    before = _parts(first)
+    assert all(grown[line] == part for line, part in before.items())
+    order = np.arange(500)[::-1]
+    reordered = table.take(order)
+    reordered = dataclasses.replace(reordered, line_numbers=table.line_numbers.copy())  # line k now holds row 501-k
+    moved = _parts(split_institution(reordered, validation_fraction=0.15, test_fraction=0.2, key=_KEY))
+    for k in range(500):
+        assert moved[int(table.line_numbers[k])] == before[int(table.line_numbers[order[k]])]
 
 
 def _tiny(positives: int, negatives: int) -> RawTable:
@@ -430,15 +475,35 @@ def _tiny(positives: int, negatives: int) -> RawTable:
     )
 
 
-def test_smallest_splittable_institution() -> None:
-    split = split_institution(_tiny(3, 3), validation_fraction=0.15, test_fraction=0.2, seed=0)
-    for part in (split.train, split.validation, split.test):
-        assert part.labels is not None and sorted(part.labels.tolist()) == [0, 1]
+def test_unbalanced_split_is_an_error_naming_the_fix_never_a_reshuffle() -> None:
+    tiny = _tiny(3, 3)
+    outcomes = []
+    for k in range(40):
+        key = bytes([k]) * 32
+        expected_ok = True
+        for part in range(3):
+            labels = [
+                int(tiny.labels[i])  # type: ignore[index]
+                for i in range(6)
+                if (1 if (u := _coin(key, tiny, i)) < 0.15 else 2 if u < 0.35 else 0) == part
+            ]
+            expected_ok &= 0 < sum(labels) < len(labels)
+        try:
+            split = split_institution(tiny, validation_fraction=0.15, test_fraction=0.2, key=key)
+        except UnbalancedSplitError as error:
+            assert "new secret key" in str(error) and "'tiny'" in str(error)
+            outcomes.append(False)
+        else:
+            for part in (split.train, split.validation, split.test):
+                assert part.labels is not None and sorted(set(part.labels.tolist())) == [0, 1]
+            outcomes.append(True)
+        assert outcomes[-1] == expected_ok, k
+    assert not all(outcomes), "with 3 + 3 rows some keys must leave a part without a class"
 
 
 def test_institution_too_small_to_split() -> None:
     with pytest.raises(DataError) as info:
-        split_institution(_tiny(2, 50), validation_fraction=0.15, test_fraction=0.2, seed=0)
+        split_institution(_tiny(2, 50), validation_fraction=0.15, test_fraction=0.2, key=_KEY)
     message = str(info.value)
     assert "'tiny'" in message and "52 rows" in message and "2 churned" in message
     assert "at least 3" in message and "too small to split" in message

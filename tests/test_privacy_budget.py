@@ -160,6 +160,13 @@ def test_ledger_detects_edit_deletion_and_reordering(tmp_path: Path) -> None:
 ROUNDS = 4
 
 
+def _bank_key(config: FedChurnConfig, name: str) -> bytes:
+    """The virtual bank's secret split key (its state folder), as the bank itself reads it."""
+    from shared.bank_random import bank_secret_key
+
+    return bank_secret_key(Path(config.output_dir) / "institutions" / name)[0]
+
+
 def _config(tmp_path: Path, budget: BudgetConfig) -> FedChurnConfig:
     base = default_config()
     data = dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=500))
@@ -168,7 +175,7 @@ def _config(tmp_path: Path, budget: BudgetConfig) -> FedChurnConfig:
 
 def _epsilon_after(config: FedChurnConfig, name: str, rounds: int) -> float:
     """ε after ``rounds`` rounds, from the institution's size: the reference the budget is set against."""
-    n = len(prepare_institution(config, name).y_train)
+    n = len(prepare_institution(config, name, split_key=_bank_key(config, name)).y_train)
     q = sample_rate_for(dataset_size=n, batch_size=config.training.batch_size)
     per_round = steps_per_round(n_train=n, batch_size=config.training.batch_size, local_epochs=1)
     return compute_epsilon(
