@@ -1,23 +1,27 @@
 """Flower ClientApp: one institution. Translates messages to domain calls and back, nothing else.
 
-The reply carries the encoder arrays, whitelisted metrics and the institution's name — never the head,
-never rows of data.
+The reply carries the encoder arrays, whitelisted metrics and the institution's name — never the head, never
+rows of data. Every exception is caught here: the reply then carries a code from the fixed list in
+``shared/decline.py`` and nothing else; the exception's text, paths and values go to the bank's own log only.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.budget import BudgetDeclined
+from clients.budget import BankDeclined
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
 from shared.config import FedChurnConfig, config_from_run_config
-from shared.decline import decline_content
+from shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
+from shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
+from shared.ledger import LedgerError
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -25,11 +29,14 @@ from shared.wire import (
     IDENTITY_KEY,
     METRICS_KEY,
     TRAIN_METRICS,
+    WEIGHT_KEY,
     from_array_record,
     identity_record,
     to_array_record,
     whitelisted_metrics,
 )
+
+logger = logging.getLogger(__name__)
 
 _CONFIG_CACHE: dict[str, FedChurnConfig] = {}
 
@@ -48,11 +55,34 @@ def _institution(context: Context, bound: Mapping[str, Any] | None) -> Instituti
     return resolve_institution(context.node_config, config)
 
 
+def error_code(error: BaseException) -> str:
+    """The fixed code an exception is reported as; its text never leaves the bank."""
+    if isinstance(error, DataError):
+        return ERROR_DATA
+    if isinstance(error, (ConfigError, PrivacyError)):  # PrivacyError: a setting that cannot hold (δ >= 1/n, ...)
+        return ERROR_CONFIG
+    if isinstance(error, (LedgerError, CheckpointError, OSError)):
+        return ERROR_STATE
+    return ERROR_INTERNAL
+
+
+def _guarded(kind: str, handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:  # the privacy boundary: nothing of the exception leaves
+            name = str(context.node_config.get("institution", f"node-{context.node_id}"))
+            code = error_code(error)
+            logger.exception("%s: %s failed; the server is told only '%s'", name, kind, code)
+            return Message(content=decline_content(name, Decline.code_only(code)), reply_to=msg)
+
+    return run
+
+
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used."""
     app = ClientApp()
 
-    @app.train()
     def train(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
@@ -65,7 +95,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
                 run_id=context.run_id,
                 context_state=context.state,
             )
-        except BudgetDeclined as declined:  # its privacy budget allows no further round: say so (shared/decline.py)
+        except BankDeclined as declined:  # its policy or its budget refuses the round (shared/decline.py)
             return Message(content=decline_content(institution.name, declined.decline), reply_to=msg)
         content = RecordDict(
             {
@@ -77,7 +107,6 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=msg)
 
-    @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         metrics = evaluate_round(
@@ -86,6 +115,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             run_id=context.run_id,
             context_state=context.state,
         )
+        if not institution.policy.report_dataset_size:  # exact row counts stay at the bank: 1.0 / 0.0 = withheld
+            metrics = {**metrics, WEIGHT_KEY: 1.0, "n-train": 0.0, "n-test": 0.0}
         content = RecordDict(
             {
                 METRICS_KEY: whitelisted_metrics(metrics, EVALUATE_METRICS),
@@ -94,6 +125,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=msg)
 
+    app.train()(_guarded("train", train))
+    app.evaluate()(_guarded("evaluate", evaluate))
     return app
 
 

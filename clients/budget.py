@@ -1,10 +1,14 @@
-"""The institution's privacy budget, enforced before every round, and its ledger entry after every round.
+"""The bank's lifetime privacy budget, enforced before every round, and its ledger entry after every round.
 
-Before training, the institution projects its ε after this round — its whole history plus exactly the steps
-this round will take, composed by its own accountant (``shared/privacy``) — and declines the round if that
-would exceed its budget (``budget`` in the config). The projection is exact, not an estimate: the round then
-takes exactly those steps at that σ and q, so the ε reported afterwards equals the projection and a budget is
-never exceeded, not even by one round.
+A bank's ε is a lifetime figure: its ledger (``state_dir/ledger.sqlite``, on its own disk) holds every mechanism
+it ever ran — training rounds and evaluation releases, of every run and run name — each with the fingerprint of
+the rows it ran on (``shared/row_identity``). The ε it checks, plans with and reports is the composition of ALL
+records with the current dataset's fingerprint; no run name, resume or config resets it.
+
+Before training, the bank projects its lifetime ε after this round — that history plus exactly the steps this
+round will take — and declines the round if it would exceed its cap: the bank policy's ``lifetime_epsilon``,
+lowered (never raised) by the config's ``budget``. The projection is exact: the round then takes exactly those
+steps at that σ and q, so a cap is never exceeded, not even by one round.
 """
 
 from __future__ import annotations
@@ -14,11 +18,10 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from clients.state import InstitutionState
 from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from shared.errors import FedChurnError
 from shared.ledger import InstitutionLedger
-from shared.privacy import epsilon_of
+from shared.privacy import AccountantState, MechanismStep, epsilon_of
 from shared.provenance import library_versions
 
 if TYPE_CHECKING:  # clients.institution calls into this module
@@ -26,30 +29,68 @@ if TYPE_CHECKING:  # clients.institution calls into this module
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BudgetDeclined", "check_budget", "record_round"]
+__all__ = ["BankDeclined", "BudgetDeclined", "check_budget", "lifetime_cap", "lifetime_history", "record_round"]
 
 
-class BudgetDeclined(FedChurnError):
-    """This institution declines the round; ``decline`` says why, with the numbers."""
+class BankDeclined(FedChurnError):
+    """This bank declines the round; ``decline`` says why (a code from shared/decline.py, and numbers)."""
 
-    def __init__(self, institution: str, server_round: int, decline: Decline) -> None:
+    def __init__(self, institution: str, server_round: int, decline: Decline, detail: str = "") -> None:
         self.institution = institution
         self.server_round = server_round
         self.decline = decline
-        super().__init__(f"{institution} declines round {server_round}: {decline.explain()}")
+        super().__init__(f"{institution} declines round {server_round}: {detail or decline.explain()}")
+
+
+BudgetDeclined = BankDeclined  # the earlier name
+
+
+def lifetime_cap(institution: Institution) -> float | None:
+    """The most lifetime ε this bank spends: its policy's cap, lowered by the config's budget (None: no cap)."""
+    caps = [
+        cap
+        for cap in (institution.policy.lifetime_epsilon, institution.config.budget.epsilon_for(institution.name))
+        if cap is not None
+    ]
+    return min(caps) if caps else None
+
+
+def lifetime_history(institution: Institution, *, fingerprint: str) -> AccountantState:
+    """Every mechanism step in the bank's ledger on rows with this fingerprint, of any kind and any run.
+
+    Records without a fingerprint (written before fingerprints existed) are counted too: an unknown dataset
+    may be this one, and counting a step too many only overstates ε.
+    """
+    steps: list[MechanismStep] = []
+    for entry in InstitutionLedger.in_folder(institution.state_dir).entries():
+        record = entry.record
+        if record.get("dataset_fingerprint", fingerprint) != fingerprint:
+            continue
+        if not all(key in record for key in ("noise_multiplier", "sample_rate", "steps")):
+            continue  # not a mechanism (no numbers to compose)
+        steps.append(
+            MechanismStep(
+                noise_multiplier=float(record["noise_multiplier"]),
+                sample_rate=float(record["sample_rate"]),
+                steps=int(record["steps"]),
+            )
+        )
+    return AccountantState(accountant=institution.config.privacy.accountant, history=tuple(steps))
 
 
 def check_budget(
     institution: Institution,
-    state: InstitutionState,
+    lifetime: AccountantState,
     *,
     server_round: int,
+    noise_multiplier: float,
     sample_rate: float,
     steps: int,
+    rounds_trained: int,
 ) -> None:
-    """Raise :class:`BudgetDeclined` when training ``steps`` more steps would exceed the institution's budget."""
+    """Raise :class:`BankDeclined` when ``steps`` more steps would take the lifetime ε past the bank's cap."""
     config = institution.config
-    max_epsilon = config.budget.epsilon_for(institution.name)
+    max_epsilon = lifetime_cap(institution)
     if max_epsilon is None:
         return
     privacy = config.privacy
@@ -60,13 +101,12 @@ def check_budget(
             projected_epsilon=math.inf,
             max_epsilon=max_epsilon,
             delta=0.0,
-            rounds_trained=state.rounds_trained,
+            rounds_trained=rounds_trained,
         )
-        raise BudgetDeclined(institution.name, server_round, decline)
-    sigma = state.noise_multiplier if state.noise_multiplier is not None else 0.0
-    spent = epsilon_of(state.accountant, delta=privacy.delta)
+        raise BankDeclined(institution.name, server_round, decline)
+    spent = epsilon_of(lifetime, delta=privacy.delta)
     projected = epsilon_of(
-        state.accountant.with_steps(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps),
+        lifetime.with_steps(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
         delta=privacy.delta,
     )
     if projected <= max_epsilon:
@@ -77,15 +117,14 @@ def check_budget(
         projected_epsilon=projected,
         max_epsilon=max_epsilon,
         delta=privacy.delta,
-        rounds_trained=state.rounds_trained,
+        rounds_trained=rounds_trained,
     )
     logger.warning("%s declines round %d: %s", institution.name, server_round, decline.explain())
-    raise BudgetDeclined(institution.name, server_round, decline)
+    raise BankDeclined(institution.name, server_round, decline)
 
 
 def record_round(
     institution: Institution,
-    state: InstitutionState,
     *,
     run_id: int | str,
     server_round: int,
@@ -93,32 +132,42 @@ def record_round(
     sample_rate: float,
     steps: int,
     dataset_size: int,
+    dataset_fingerprint: str,
+    accountant: str,
+    cumulative_steps: int,
+    rounds_trained: int,
     epsilon: float,
 ) -> None:
-    """Append this trained round to the institution's own ledger (``state_dir/ledger.sqlite``)."""
+    """Append this trained round to the bank's own ledger (``state_dir/ledger.sqlite``).
+
+    A round without DP is recorded too, with noise multiplier 0: its rows have no finite ε from then on.
+    ``epsilon`` is the bank's lifetime ε on these rows after this round; ``cumulative_steps`` and
+    ``rounds_trained`` count this run's.
+    """
     privacy = institution.config.privacy
-    if not privacy.enabled:
-        return  # no DP, no guarantee to account for
     record: dict[str, Any] = {
         "kind": "train",
         "institution": institution.name,
         "run_id": run_id,
         "round": int(server_round),
         "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mechanism": "DP-SGD (Poisson-subsampled Gaussian)",
+        "mechanism": "DP-SGD (Poisson-subsampled Gaussian)" if privacy.enabled else "SGD without DP",
         "unit": "one customer row (add/remove one row)",
         "noise_multiplier": float(noise_multiplier),
         "sample_rate": float(sample_rate),
         "steps": int(steps),
         "clipping_norm": float(privacy.clipping_norm),
         "delta": float(privacy.delta),
-        "sampling": "poisson",
-        "accountant": state.accountant.accountant,
+        "sampling": "poisson" if privacy.enabled else "shuffled batches",
+        "noise_source": "seeded (reproducible_noise)" if privacy.reproducible_noise else "secret (OS CSPRNG)",
+        "accountant": accountant,
         "dataset_size": int(dataset_size),
-        "cumulative_steps": state.accountant.total_steps,
-        "rounds_trained": state.rounds_trained,
+        "dataset_fingerprint": dataset_fingerprint,
+        "cumulative_steps": int(cumulative_steps),
+        "rounds_trained": int(rounds_trained),
         "epsilon": float(epsilon),
-        "max_epsilon": institution.config.budget.epsilon_for(institution.name),
+        "epsilon_scope": "lifetime: every ledger record on rows with this dataset_fingerprint",
+        "max_epsilon": lifetime_cap(institution),
         "versions": library_versions(),
     }
     InstitutionLedger.in_folder(institution.state_dir).append(record)

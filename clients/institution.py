@@ -14,13 +14,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from clients.budget import check_budget, record_round
+from clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
 from clients.evaluation import evaluate
 from clients.state import InstitutionState, StateStore
 from clients.training import steps_per_round
@@ -35,11 +35,21 @@ from shared.data import (
     prepare_institution,
     resolve_schema,
 )
-from shared.errors import FedChurnError
+from shared.decline import BUDGET_EXHAUSTED, Decline
+from shared.errors import FedChurnError, PrivacyError
 from shared.model import ChurnModel, build_model, head_state, load_head_state
-from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
+from shared.policy import (
+    CONSERVATIVE_POLICY,
+    POLICY_TOO_MANY_ROUNDS,
+    BankPolicy,
+    check_instruction,
+    load_policy,
+    policy_for_simulated_bank,
+)
+from shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
 from shared.sharing import load_shared_arrays, outgoing_arrays
 from shared.transfer import epochs_per_round
+from shared.wire import WEIGHT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,7 @@ logger = logging.getLogger(__name__)
 NODE_INSTITUTION = "institution"
 NODE_DATA_PATH = "data-path"
 NODE_STATE_DIR = "state-dir"
+NODE_POLICY = "policy"  # path of the bank's privacy policy (YAML); absent: the conservative built-in policy
 # Node-config keys Flower's simulation gives each virtual node.
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -58,6 +69,7 @@ class Institution:
     config: FedChurnConfig  # the run's config, with the data section as this institution sees it
     state_dir: Path
     real_bank: bool = False  # a real SuperNode (node config names the institution), not a simulated one
+    policy: BankPolicy = CONSERVATIVE_POLICY  # the bank's own rules (shared/policy.py)
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:
@@ -80,7 +92,11 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
         )
         state_dir = Path(str(node_config.get(NODE_STATE_DIR, Path("fedchurn-state") / name)))
         return Institution(
-            name=name, config=dataclasses.replace(config, data=data), state_dir=state_dir, real_bank=True
+            name=name,
+            config=dataclasses.replace(config, data=data),
+            state_dir=state_dir,
+            real_bank=True,
+            policy=_real_bank_policy(name, node_config),
         )
     if NODE_PARTITION_ID in node_config:
         names = _institution_names(config)
@@ -92,10 +108,33 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
                 f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); start it with {len(names)} nodes"
             )
         name = names[partition]
-        return Institution(name=name, config=config, state_dir=Path(config.output_dir) / "institutions" / name)
+        return Institution(
+            name=name,
+            config=config,
+            state_dir=Path(config.output_dir) / "institutions" / name,
+            policy=policy_for_simulated_bank(config.policy, name),  # the same checks as a real bank's
+        )
     raise FedChurnError(
         f"node config {dict(node_config)} names no institution: give '{NODE_INSTITUTION}' and '{NODE_DATA_PATH}'"
     )
+
+
+_DEFAULT_POLICY_LOGGED: set[str] = set()
+
+
+def _real_bank_policy(name: str, node_config: Mapping[str, Any]) -> BankPolicy:
+    """The policy file named by the node config, else the conservative built-in policy (logged once)."""
+    if NODE_POLICY in node_config:
+        return load_policy(str(node_config[NODE_POLICY]))
+    if name not in _DEFAULT_POLICY_LOGGED:
+        _DEFAULT_POLICY_LOGGED.add(name)
+        logger.warning(
+            "%s: no '%s' in the node config: using the conservative built-in policy %s",
+            name,
+            NODE_POLICY,
+            CONSERVATIVE_POLICY,
+        )
+    return CONSERVATIVE_POLICY
 
 
 _NAMES_CACHE: dict[str, list[str]] = {}
@@ -200,80 +239,171 @@ def train_round(
     run_id: int,
     context_state: RecordDict,
 ) -> TrainResult:
-    """Fine-tune on local data from the sent encoder; keep the head; report the encoder and cumulative ε."""
+    """Check the instruction against the bank's policy, then fine-tune within its lifetime budget.
+
+    Raises :class:`BankDeclined` (a decline with a code) when the policy or the budget refuses the round.
+    """
     config = institution.config
+    _check_policy(institution, server_round)  # before the data is touched
     data = load_data(institution)
-    # Keyed by the fedchurn run name when set: a resumed run continues this institution's accounting.
+    # Keyed by the fedchurn run name when set: a resumed run continues this bank's head and round count.
     store = StateStore(
         institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
     )
     state = store.load(context_state)
-    model = _build_model(institution, data, state)
-    load_shared_arrays(model, encoder, mode=config.transfer.mode)
+    policy = institution.policy
+    if policy.max_rounds_per_run is not None and state.rounds_trained >= policy.max_rounds_per_run:
+        _decline_policy(
+            institution,
+            server_round,
+            POLICY_TOO_MANY_ROUNDS,
+            f"this run already trained {state.rounds_trained} rounds: max_rounds_per_run = {policy.max_rounds_per_run}",
+        )
+    lifetime = lifetime_history(institution, fingerprint=data.fingerprint)
 
     n_train = len(data.y_train)
     sample_rate = sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size)
-    if config.privacy.enabled:
-        check_delta(delta=config.privacy.delta, dataset_size=n_train)
-        if state.noise_multiplier is None:
-            per_round = steps_per_round(
-                n_train=n_train, batch_size=config.training.batch_size, local_epochs=epochs_per_round(config)
-            )
-            state.noise_multiplier = resolve_noise_multiplier(
-                config.privacy, sample_rate=sample_rate, total_steps=per_round * config.rounds
-            )
     round_steps = steps_per_round(
         n_train=n_train, batch_size=config.training.batch_size, local_epochs=epochs_per_round(config)
     )
-    # Declines (raises BudgetDeclined) when this round would take ε past the institution's budget.
-    check_budget(institution, state, server_round=server_round, sample_rate=sample_rate, steps=round_steps)
+    if config.privacy.enabled:
+        check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        _plan_noise(institution, state, lifetime, server_round=server_round, sample_rate=sample_rate, steps=round_steps)
+    sigma = (state.noise_multiplier or 0.0) if config.privacy.enabled else 0.0
+    # Declines (raises BankDeclined) when this round would take the lifetime ε past the bank's cap.
+    check_budget(
+        institution,
+        lifetime,
+        server_round=server_round,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=round_steps,
+        rounds_trained=state.rounds_trained,
+    )
+    model = _build_model(institution, data, state)
+    load_shared_arrays(model, encoder, mode=config.transfer.mode)
     report = train_round_phases(
         model,
         data.x_train,
         data.y_train,
         config=config,
-        accountant=state.accountant,
-        noise_multiplier=state.noise_multiplier or 0.0,
+        accountant=lifetime,  # the lifetime history: the ε reported is the bank's lifetime ε
+        noise_multiplier=sigma,
         proximal_mu=proximal_mu,
         seed=_seeds(institution, server_round).next_seed(),
     )
     if state.rounds_trained == 0:  # fixed for the run: written to the bank's disk once, for scoring later
         state.preprocessor = data.preprocessor.to_dict()
-    state.accountant = report.accountant
+    if config.privacy.enabled:  # this run's own history (privacy.json); the ledger holds the lifetime
+        state.accountant = state.accountant.with_steps(
+            noise_multiplier=sigma, sample_rate=sample_rate, steps=report.steps
+        )
     state.head = head_state(model)
     state.rounds_trained += 1
     state.last_epsilon = report.epsilon
     store.save(state, context_state)
     record_round(
         institution,
-        state,
         run_id=config.federation.identity(run_id),
         server_round=server_round,
-        noise_multiplier=report.noise_multiplier,
-        sample_rate=report.sample_rate,
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
         steps=report.steps,
         dataset_size=n_train,
+        dataset_fingerprint=data.fingerprint,
+        accountant=config.privacy.accountant,
+        cumulative_steps=state.accountant.total_steps,
+        rounds_trained=state.rounds_trained,
         epsilon=report.epsilon,
     )
     logger.info(
-        "%s round %d: loss %.4f, epsilon %.3f after %d steps",
+        "%s round %d: loss %.4f, lifetime epsilon %.3f (%d steps this run)",
         institution.name,
         server_round,
         report.loss,
         report.epsilon,
-        report.accountant.total_steps,
+        state.accountant.total_steps,
     )
     metrics = {
-        "num-examples": float(n_train),
+        # FedAvg weight: the exact row count only when the bank's policy allows it (report_dataset_size).
+        WEIGHT_KEY: float(n_train) if policy.report_dataset_size else 1.0,
         "train-loss": report.loss if math.isfinite(report.loss) else 0.0,
         "epsilon": report.epsilon,
         "delta": report.delta,
         "noise-multiplier": report.noise_multiplier,
-        "sample-rate": report.sample_rate,
-        "steps": float(report.steps),
-        "total-steps": float(report.accountant.total_steps),
     }
     return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics)
+
+
+def _check_policy(institution: Institution, server_round: int) -> None:
+    violation = check_instruction(institution.policy, institution.config, real_bank=institution.real_bank)
+    if violation is not None:
+        _decline_policy(institution, server_round, violation.code, violation.detail)
+
+
+def _decline_policy(institution: Institution, server_round: int, code: str, detail: str) -> NoReturn:
+    # The detail (which rule refused which value) stays in the bank's own log; the server gets the code.
+    logger.warning("%s declines round %d by its own policy: %s [%s]", institution.name, server_round, detail, code)
+    raise BankDeclined(institution.name, server_round, Decline.code_only(code), detail)
+
+
+def _plan_noise(
+    institution: Institution,
+    state: InstitutionState,
+    lifetime: AccountantState,
+    *,
+    server_round: int,
+    sample_rate: float,
+    steps: int,
+) -> None:
+    """σ for this run: the given one, or planned from target_epsilon so the LIFETIME ε at the end of the planned
+    run (history + the rounds still to train) is at most the target. A resume that adds rounds re-plans σ for the
+    rounds left; when no σ can keep the target, the bank declines."""
+    privacy = institution.config.privacy
+    rounds = institution.config.rounds
+    if privacy.noise_multiplier is not None:
+        state.noise_multiplier = float(privacy.noise_multiplier)
+        return
+    if state.noise_multiplier is not None and state.planned_rounds == rounds:
+        return
+    if privacy.target_epsilon is None:  # PrivacyConfig refuses this
+        raise PrivacyError("give privacy.noise_multiplier or privacy.target_epsilon")
+    cap = lifetime_cap(institution)
+    target = privacy.target_epsilon if cap is None else min(privacy.target_epsilon, cap)
+    remaining = max(rounds - state.rounds_trained, 1)
+    try:
+        sigma = noise_multiplier_after(
+            lifetime, target_epsilon=target, delta=privacy.delta, sample_rate=sample_rate, steps=remaining * steps
+        )
+    except PrivacyError as error:
+        spent = epsilon_of(lifetime, delta=privacy.delta)
+        logger.warning("%s declines round %d: %s", institution.name, server_round, error)
+        raise BankDeclined(
+            institution.name,
+            server_round,
+            Decline(
+                reason=BUDGET_EXHAUSTED,
+                epsilon=spent,
+                projected_epsilon=math.inf,
+                max_epsilon=target,
+                delta=privacy.delta,
+                rounds_trained=state.rounds_trained,
+            ),
+        ) from None
+    floor = institution.policy.min_noise_multiplier
+    if sigma < floor:
+        logger.info("%s: planned σ %.4g raised to the policy's minimum %.4g", institution.name, sigma, floor)
+        sigma = floor
+    logger.info(
+        "%s: σ %.4f keeps the lifetime ε <= %.3g over %d more rounds (ε spent so far %.3g)",
+        institution.name,
+        sigma,
+        target,
+        remaining,
+        epsilon_of(lifetime, delta=privacy.delta),
+    )
+    state.noise_multiplier = sigma
+    state.planned_rounds = rounds
 
 
 def evaluate_round(

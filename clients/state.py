@@ -30,12 +30,13 @@ _CONTEXT_PRIVACY = "fedchurn.privacy"
 
 @dataclass
 class InstitutionState:
-    """One institution's memory across rounds of one run."""
+    """One institution's memory across rounds of one run (its lifetime privacy history is its ledger)."""
 
     run_id: int | str  # Flower's run id, or the fedchurn run name (federation.run_name)
     accountant: AccountantState
     head: dict[str, torch.Tensor] | None = None
-    noise_multiplier: float | None = None  # fixed for the whole run once derived
+    noise_multiplier: float | None = None  # fixed for the run once derived (re-planned when rounds change)
+    planned_rounds: int | None = None  # the run length σ was planned for (target_epsilon)
     rounds_trained: int = 0
     last_epsilon: float = 0.0
     preprocessor: dict[str, Any] | None = field(default=None)
@@ -45,6 +46,7 @@ class InstitutionState:
             "run_id": self.run_id,
             "rounds_trained": self.rounds_trained,
             "noise_multiplier": self.noise_multiplier,
+            "planned_rounds": self.planned_rounds,
             "epsilon": self.last_epsilon,
             "accountant_state": self.accountant.to_dict(),
         }
@@ -117,6 +119,7 @@ class StateStore:
             accountant=accountant,
             head=head,
             noise_multiplier=values.get("noise_multiplier"),
+            planned_rounds=values.get("planned_rounds"),
             rounds_trained=int(values.get("rounds_trained", 0)),
             last_epsilon=float(values.get("epsilon", 0.0)),
         )

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from shared.errors import ConfigError
+from shared.policy import PolicyConfig
 
 # --------------------------------------------------------------------------------------------------
 # The schema
@@ -443,6 +444,8 @@ class FedChurnConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     institution_dp: InstitutionDPConfig = field(default_factory=InstitutionDPConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    # Simulated banks' own privacy policies (shared/policy.py); a real bank reads its policy from its node config.
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**31, "seed", self.seed, "must be in [0, 2^31)")
@@ -704,6 +707,7 @@ def _is_free_mapping(section: list[str]) -> bool:
         ["data", "institution_files"],
         ["data", "schema", "categorical"],
         ["budget", "institution_epsilon"],
+        ["policy", "institutions"],
     )
 
 
@@ -840,6 +844,18 @@ pretrain:                    # fedchurn pretrain: not private; for public or con
 federation:                  # fedchurn run on a real federation (deploy/README.md)
   run_name: null             # identity of the run at every bank; set it to be able to resume
   resume: false              # continue an interrupted run from its last completed round
+policy:                      # each SIMULATED bank's own policy (a real bank reads its file: node config `policy`)
+  require_dp: false          # refuse rounds without DP
+  min_noise_multiplier: 0.0  # refuse a given sigma below this (a sigma planned from target_epsilon is raised to it)
+  max_clipping_norm: null    # refuse a larger clipping norm (null: no limit)
+  max_delta: null            # refuse a larger delta (null: no limit)
+  lifetime_epsilon: null     # cap on epsilon over every round ever run on the bank's rows (budget can only lower it)
+  allowed_transfer_modes: [finetune, frozen, fedrep, fedavg, local, centralized]
+  evaluation: dp             # off: no metric on validation/test rows leaves the bank | dp: DP statistics only
+  evaluation_noise_multiplier: 5.0
+  max_rounds_per_run: null   # refuse runs of more rounds (null: no limit)
+  report_dataset_size: false # false: FedAvg weight 1.0 and no row counts leave the bank
+  institutions: {}           # per-bank overrides, e.g. {bank-01: {min_noise_multiplier: 1.0, lifetime_epsilon: 3.0}}
 """
 
 

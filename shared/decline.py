@@ -15,6 +15,15 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from shared.policy import (
+    POLICY_CLIPPING_TOO_HIGH,
+    POLICY_DELTA_TOO_HIGH,
+    POLICY_DP_REQUIRED,
+    POLICY_MODE_NOT_ALLOWED,
+    POLICY_NOISE_TOO_LOW,
+    POLICY_REPRODUCIBLE_NOISE,
+    POLICY_TOO_MANY_ROUNDS,
+)
 from shared.wire import IDENTITY_KEY, METRICS_KEY, identity_record
 
 STATUS_KEY = "status"  # the ConfigRecord of a decline
@@ -22,9 +31,30 @@ STATUS_FIELD = "status"
 REASON_FIELD = "reason"
 DECLINED = "declined"
 
-BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take ε past the institution's budget
+BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take the bank's lifetime ε past its cap
 DP_DISABLED = "dp-disabled"  # a budget is set but DP is off: no finite ε to keep within it
-REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED)
+# The bank's own policy refused the instruction (shared/policy.py); its log says which rule refused which value.
+POLICY_REASONS = {
+    POLICY_DP_REQUIRED: "its policy requires DP and the run asked for none",
+    POLICY_NOISE_TOO_LOW: "the run's noise multiplier is below its policy's minimum",
+    POLICY_CLIPPING_TOO_HIGH: "the run's clipping norm is above its policy's maximum",
+    POLICY_DELTA_TOO_HIGH: "the run's δ is above its policy's maximum",
+    POLICY_MODE_NOT_ALLOWED: "its policy does not allow the run's transfer mode",
+    POLICY_TOO_MANY_ROUNDS: "its policy allows fewer rounds per run",
+    POLICY_REPRODUCIBLE_NOISE: "a real bank never trains with noise the server can regenerate",
+}
+# The bank hit an error: a fixed code and message leave; the exception's text stays in the bank's own log.
+ERROR_DATA = "error-data"
+ERROR_CONFIG = "error-config"
+ERROR_STATE = "error-state"
+ERROR_INTERNAL = "error-internal"
+ERROR_REASONS = {
+    ERROR_DATA: "its data could not be read or prepared as the run asks (details in the bank's own log)",
+    ERROR_CONFIG: "the run's configuration is not valid at the bank (details in the bank's own log)",
+    ERROR_STATE: "its saved state or ledger could not be used (details in the bank's own log)",
+    ERROR_INTERNAL: "an internal error (details in the bank's own log)",
+}
+REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED, *POLICY_REASONS, *ERROR_REASONS)
 
 DECLINE_METRICS = ("epsilon", "projected-epsilon", "max-epsilon", "delta", "rounds-trained")
 
@@ -34,7 +64,7 @@ class Decline:
     """Why an institution does not train this round, with the numbers behind it."""
 
     reason: str  # one of REASON_CODES
-    epsilon: float  # ε spent so far in this run (cumulative)
+    epsilon: float  # the bank's lifetime ε on these rows so far (every run composed)
     projected_epsilon: float  # ε after one more round (inf without DP)
     max_epsilon: float  # the institution's budget
     delta: float
@@ -49,7 +79,16 @@ class Decline:
             "rounds-trained": float(self.rounds_trained),
         }
 
+    @classmethod
+    def code_only(cls, reason: str) -> Decline:
+        """A decline whose numbers say nothing (policy and error codes): all zero."""
+        return cls(reason=reason, epsilon=0.0, projected_epsilon=0.0, max_epsilon=0.0, delta=0.0, rounds_trained=0)
+
     def explain(self) -> str:
+        if self.reason in POLICY_REASONS:
+            return f"declined by the bank's own policy ({self.reason}): {POLICY_REASONS[self.reason]}"
+        if self.reason in ERROR_REASONS:
+            return f"the bank replied with an error ({self.reason}): {ERROR_REASONS[self.reason]}"
         if self.reason == DP_DISABLED:
             return f"privacy is disabled (no finite ε), so no round fits the budget ε <= {self.max_epsilon:g}"
         return (

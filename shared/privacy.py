@@ -51,6 +51,7 @@ __all__ = [
     "compute_epsilon",
     "epsilon_of",
     "make_private",
+    "noise_multiplier_after",
     "noise_multiplier_for",
     "resolve_noise_multiplier",
     "sample_rate_for",
@@ -308,6 +309,43 @@ def noise_multiplier_for(
             "a smaller batch (lower sample rate)"
         ) from None
     return float(sigma)
+
+
+def noise_multiplier_after(
+    history: AccountantState, *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The smallest σ (to 0.5% of the target) whose ``steps`` more steps at rate q keep the whole history's ε <= target.
+
+    ``history`` is everything already spent on these rows (a bank's lifetime): the plan composes it with the new
+    steps, so the target bounds the final lifetime ε, not the new steps alone. Raises :class:`PrivacyError` when
+    the history alone already reaches the target (no σ can help).
+    """
+    _check_delta_value(delta)
+    if not _is_number(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
+        raise PrivacyError(f"target_epsilon = {target_epsilon!r}: must be a finite number > 0")
+    MechanismStep(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)  # checks q and steps
+
+    def epsilon(sigma: float) -> float:
+        return epsilon_of(history.with_steps(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps), delta=delta)
+
+    spent = epsilon_of(history, delta=delta)
+    high = 1.0
+    while spent >= target_epsilon or epsilon(high) > target_epsilon:
+        high *= 2.0
+        if spent >= target_epsilon or high > _MAX_NOISE_MULTIPLIER:
+            raise PrivacyError(
+                f"target_epsilon = {target_epsilon:g} cannot be kept: ε already spent on these rows is {spent:.4g}, "
+                f"and {steps} more steps at sample rate {sample_rate:.4g} exceed the target whatever σ is"
+            )
+    low = 0.0
+    # Bisect until ε(high) is within 0.5% of the target; ε(high) <= target holds throughout.
+    while high - low > 1e-6 * high and epsilon(high) < 0.995 * target_epsilon:
+        middle = (low + high) / 2.0
+        if epsilon(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def resolve_noise_multiplier(privacy: PrivacyConfig, *, sample_rate: float, total_steps: int) -> float:

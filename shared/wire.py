@@ -15,18 +15,17 @@ CONFIG_KEY = "config"  # server -> institution: round settings
 METRICS_KEY = "metrics"  # institution -> server: whitelisted numbers only
 IDENTITY_KEY = "identity"  # institution -> server: who replied (the institution's public name)
 INSTITUTION_FIELD = "institution"
-WEIGHT_KEY = "num-examples"  # FedAvg weight: rows the update was trained on
+WEIGHT_KEY = "num-examples"  # FedAvg weight: 1.0, or the rows trained on when the bank's policy allows it
 
 # DP-SGD protects the weights, not what a client says about them: anything outside these lists is not sent.
+# No exact row count: the FedAvg weight is 1.0 unless the bank's policy allows report_dataset_size, and the sample
+# rate and step counts (q = 1/ceil(n/B) reveals n) stay at the bank.
 TRAIN_METRICS = (
     WEIGHT_KEY,
     "train-loss",
     "epsilon",
     "delta",
     "noise-multiplier",
-    "sample-rate",
-    "steps",
-    "total-steps",
 )
 EVALUATE_METRICS = (
     WEIGHT_KEY,

@@ -120,18 +120,28 @@ def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes
     assert 0.0 <= evaluation["metrics"]["auc"] <= 1.0  # 3 noisy rounds on 300 rows: quality is checked elsewhere
 
 
-def test_restarted_node_resumes_accounting_from_its_disk(tmp_path: Path) -> None:
+def test_restarted_node_resumes_and_another_run_continues_the_lifetime_epsilon(tmp_path: Path) -> None:
     config = _config(tmp_path)
     app = make_client_app()
     encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    n = len(prepare_institution(config, "bank-01", split_key=_bank_key(config, "bank-01")).y_train)
+    q = sample_rate_for(dataset_size=n, batch_size=config.training.batch_size)
+    per_round = steps_per_round(n_train=n, batch_size=config.training.batch_size, local_epochs=1)
+
+    def expected(rounds: int) -> float:
+        return compute_epsilon(noise_multiplier=1.2, sample_rate=q, steps=rounds * per_round, delta=1e-5)
+
     first = _send(app, _context(config), encoder, MessageType.TRAIN, 1).content["metrics"]
     # A new process: empty context.state, same run, same institution folder.
     second = _send(app, _context(config), encoder, MessageType.TRAIN, 2).content["metrics"]
-    assert second["total-steps"] == 2 * first["total-steps"]
-    assert second["epsilon"] > first["epsilon"]
-    # Another run in the same folder starts its own accounting.
+    folder = Path(config.output_dir) / "institutions" / "bank-01"
+    assert json.loads((folder / "privacy.json").read_text())["rounds_trained"] == 2
+    assert first["epsilon"] == pytest.approx(expected(1), rel=1e-9)
+    assert second["epsilon"] == pytest.approx(expected(2), rel=1e-9)
+    # Another run on the same rows starts its own head and round count, but NOT its own ε: the ledger composes.
     other_run = _send(app, _context(config, run_id=12), encoder, MessageType.TRAIN, 1).content["metrics"]
-    assert other_run["total-steps"] == first["total-steps"]
+    assert json.loads((folder / "privacy.json").read_text())["rounds_trained"] == 1
+    assert other_run["epsilon"] == pytest.approx(expected(3), rel=1e-9)
 
 
 def test_target_epsilon_is_met_over_the_whole_run(tmp_path: Path) -> None:
