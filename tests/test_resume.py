@@ -27,8 +27,15 @@ def _config(out: Path, *, rounds: int, resume: bool = False):
         data=dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=500)),
         simulation=dataclasses.replace(base.simulation, ray_num_cpus=2),
     )
+    # Bit-identical comparison needs the research switch: by default each bank's noise is secret and fresh.
     return apply_overrides(
-        config, {"strategy.name": "fedadam", "federation.run_name": "r1", "federation.resume": resume}
+        config,
+        {
+            "strategy.name": "fedadam",
+            "federation.run_name": "r1",
+            "federation.resume": resume,
+            "privacy.reproducible_noise": True,
+        },
     )
 
 
