@@ -297,7 +297,9 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Privacy budgets: the most ε (at ``privacy.delta``) each institution spends in one run.
+    """Privacy budgets: the most lifetime ε (at ``privacy.delta``) each bank spends on its rows, every run composed.
+
+    A budget here can only lower the cap of the bank's own policy (``shared/policy.py``), never raise it.
 
     Enforced at the institution before every round: a round that would take it past its budget is declined,
     never trained, so a budget is never exceeded. Logic: ``clients/budget.py``.
@@ -817,8 +819,8 @@ simulation:
   client_num_cpus: 1.0
   client_num_gpus: 0.0
 budget:
-  max_epsilon: null          # most ε (at privacy.delta) an institution spends in a run; a round that would
-                             # exceed it is declined before training (null: no budget)
+  max_epsilon: null          # most LIFETIME ε (at privacy.delta) a bank spends on its rows (every run composed);
+                             # it can only lower the bank policy's cap; a round that would exceed it is declined
   institution_epsilon: {}    # per-institution overrides, e.g. {bank-01: 3.0}
 institution_dp:
   enabled: false             # server-side clipping + noise on each bank's encoder update (a second guarantee,
