@@ -36,7 +36,10 @@ def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Pat
 
     results = {}
     for gpus in (0.25, 0.0):
-        config = _config(tmp_path / str(gpus), **{"simulation.client_num_gpus": gpus})
+        # The same rows on both: the split key derived from the seed (research switch), not two secret keys.
+        config = _config(
+            tmp_path / str(gpus), **{"simulation.client_num_gpus": gpus, "privacy.reproducible_noise": True}
+        )
         institution = resolve_institution({"partition-id": 0, "num-partitions": 4}, config)
         assert _device(config).type == ("cuda" if gpus else "cpu")
         encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
@@ -45,7 +48,6 @@ def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Pat
         )
     gpu, cpu = results[0.25], results[0.0]
     assert gpu.metrics["epsilon"] == pytest.approx(cpu.metrics["epsilon"])  # same mechanism, same steps
-    assert gpu.metrics["total-steps"] == cpu.metrics["total-steps"]
     assert all(np.isfinite(v).all() for v in gpu.encoder.values())
 
 
