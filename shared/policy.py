@@ -152,8 +152,8 @@ CONSERVATIVE_POLICY = BankPolicy(
     max_delta=1.0e-5,
     lifetime_epsilon=10.0,
     allowed_transfer_modes=("finetune", "frozen", "fedrep"),  # never the head's weights (fedavg)
-    evaluation="off",
-    evaluation_noise_multiplier=10.0,
+    evaluation="dp",  # DP statistics only, each release accounted in the same lifetime ε under the same cap
+    evaluation_noise_multiplier=5.0,
     max_rounds_per_run=200,
     report_dataset_size=False,
 )

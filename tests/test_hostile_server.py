@@ -388,5 +388,12 @@ def test_train_reply_carries_no_row_count_by_default(tmp_path: Path, bank_csv: P
     assert not {"steps", "total-steps", "sample-rate"} & set(metrics)
     assert metrics["num-examples"] == 1.0
     assert math.isfinite(metrics["epsilon"])
+    context = Context(
+        run_id=1, node_id=7, node_config=bank.node_config, state=bank.state, run_config=config_to_run_config(config)
+    )
+    content = RecordDict({"arrays": to_array_record(_encoder(config)), "config": ConfigRecord({"server-round": 1})})
+    evaluation = bank.app(Message(content=content, dst_node_id=7, message_type=MessageType.EVALUATE), context)
+    counts = evaluation.content["metrics"]
+    assert (counts["num-examples"], counts["n-train"], counts["n-test"]) == (1.0, 0.0, 0.0)  # withheld
     allowed = RealBank(tmp_path, bank_csv, name="open", policy={**POLICY, "report_dataset_size": True})
     assert allowed.send(config, 1).content["metrics"]["num-examples"] == float(allowed.n_train(config))
