@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.budget import BudgetDeclined
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
+from clients.private_evaluation import EvaluationWithheld
 from shared.config import FedChurnConfig, config_from_run_config
 from shared.decline import decline_content
 from shared.wire import (
@@ -80,12 +81,17 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
-        metrics = evaluate_round(
-            institution,
-            encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
-            run_id=context.run_id,
-            context_state=context.state,
-        )
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        try:
+            metrics = evaluate_round(
+                institution,
+                encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
+                run_id=context.run_id,
+                context_state=context.state,
+                server_round=int(round_config.get("server-round", 0)),  # type: ignore[arg-type]
+            )
+        except EvaluationWithheld as withheld:  # nothing about its rows may leave now (clients/private_evaluation.py)
+            return Message(content=decline_content(institution.name, withheld.decline), reply_to=msg)
         content = RecordDict(
             {
                 METRICS_KEY: whitelisted_metrics(metrics, EVALUATE_METRICS),

@@ -21,7 +21,7 @@ import torch
 from flwr.app import RecordDict
 
 from clients.budget import check_budget, record_round
-from clients.evaluation import evaluate
+from clients.private_evaluation import private_evaluation
 from clients.state import InstitutionState, StateStore
 from clients.training import steps_per_round
 from clients.transfer import train_round_phases
@@ -30,6 +30,7 @@ from shared.data import PreparedInstitution, derive_seed, institution_names, pre
 from shared.errors import FedChurnError
 from shared.model import ChurnModel, build_model, head_state, load_head_state
 from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
+from shared.private_metrics import evaluation_settings
 from shared.sharing import load_shared_arrays, outgoing_arrays
 from shared.transfer import epochs_per_round
 
@@ -235,29 +236,34 @@ def train_round(
 
 
 def evaluate_round(
-    institution: Institution, *, encoder: Mapping[str, np.ndarray], run_id: int, context_state: RecordDict
+    institution: Institution,
+    *,
+    encoder: Mapping[str, np.ndarray],
+    run_id: int,
+    context_state: RecordDict,
+    server_round: int = 0,
 ) -> dict[str, float]:
-    """Global encoder + this institution's own head, on its own validation and test rows."""
+    """Global encoder + this institution's own head on its validation and test rows, released only under DP.
+
+    Raises :class:`~clients.private_evaluation.EvaluationWithheld` when nothing may be released (evaluation off,
+    no new trained round, budget): see ``clients/private_evaluation.py``.
+    """
     config = institution.config
-    data = load_data(institution)
-    state = StateStore(
+    settings = evaluation_settings(config, institution.name)
+    store = StateStore(
         institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
-    ).load(context_state)
+    )
+    state = store.load(context_state)
+    data = load_data(institution)
     model = _build_model(institution, data, state)
     load_shared_arrays(model, encoder, mode=config.transfer.mode)
-    test = evaluate(model, data.x_test, data.y_test)
-    validation = evaluate(model, data.x_val, data.y_val)
-    privacy_on = config.privacy.enabled
-    return {
-        "num-examples": float(len(data.y_test)),
-        "auc": test["auc"],
-        "pr-auc": test["pr_auc"],
-        "brier": test["brier"],
-        "accuracy": test["accuracy"],
-        "loss": test["loss"],
-        "val-auc": validation["auc"],
-        "epsilon": state.last_epsilon if privacy_on else math.inf,
-        "delta": config.privacy.delta if privacy_on else 0.0,
-        "n-train": float(len(data.y_train)),
-        "n-test": float(len(data.y_test)),
-    }
+    return private_evaluation(
+        institution,
+        settings,
+        model=model,
+        data=data,
+        state=state,
+        store=store,
+        context_state=context_state,
+        server_round=server_round,
+    )

@@ -97,7 +97,9 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
                 "accountant": config.privacy.accountant,
                 "sampling": "Poisson",
                 "composition": "cumulative over every round each institution trained",
-                "not_covered": "metrics sent to the server (AUC, loss, counts) are not protected by DP",
+                "evaluation": "metrics are computed from score histograms released with Gaussian noise and accounted "
+                "in each bank's ε (evaluation.mode dp), or not sent at all (off)",
+                "not_covered": "n-train (the exact training-set size) in every reply",
             },
             "versions": library_versions(),
             "config": config_to_dict(config),

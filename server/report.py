@@ -27,12 +27,17 @@ SUMMARY_FIELDS = {
     "auc": "auc",
     "pr-auc": "pr_auc",
     "brier": "brier",
-    "accuracy": "accuracy",
+    "ece": "ece",
+    "mean-probability": "mean_probability",
+    "churn-rate": "churn_rate",
     "epsilon": "epsilon",
     "delta": "delta",
     "n-train": "n_train",
     "n-test": "n_test",
     "val-auc": "val_auc",
+    "kept-round": "model_round",  # the round of the model the bank keeps (best DP validation AUC)
+    "kept-auc": "model_auc",
+    "kept-ece": "model_ece",
 }
 
 
@@ -117,10 +122,11 @@ class RunRecorder:
     def summary(self, *, extra: Mapping[str, Any]) -> dict[str, Any]:
         institutions = {}
         for name in sorted(self.latest):
-            entry = dict(self.latest[name])
-            entry["epsilon"] = _json_number(entry["epsilon"])
+            entry = _finite_only(dict(self.latest[name]))  # NaN (a class empty after the noise) -> null
             entry["n_train"] = int(entry["n_train"])
             entry["n_test"] = int(entry["n_test"])
+            if entry.get("model_round") is not None:
+                entry["model_round"] = int(entry["model_round"])
             entry["evaluated_round"] = entry.pop("round")
             institutions[name] = entry
         return {

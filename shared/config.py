@@ -423,6 +423,34 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """What a bank releases about its validation and test rows (logic: shared/private_metrics.py).
+
+    ``off``: nothing. ``dp``: a 2×bins histogram of model scores per row set with Gaussian noise of std
+    ``noise_multiplier`` per cell (sensitivity 1), accounted in the bank's ledger, never past its budget.
+    """
+
+    mode: Literal["off", "dp"] = "dp"
+    noise_multiplier: float = 4.0
+    bins: int = 10
+    logit_range: float = 6.0
+    every_rounds: int = 0  # 0: only after the run's last round (or when the bank stops); k: also every k-th
+
+    def __post_init__(self) -> None:
+        _require(
+            0.5 <= self.noise_multiplier <= 1000.0,
+            "evaluation.noise_multiplier",
+            self.noise_multiplier,
+            "must be in [0.5, 1000] (noise std per histogram cell)",
+        )
+        _require(2 <= self.bins <= 1000, "evaluation.bins", self.bins, "must be 2..1000")
+        _require(0.0 < self.logit_range <= 50.0, "evaluation.logit_range", self.logit_range, "must be in (0, 50]")
+        _require(
+            self.every_rounds >= 0, "evaluation.every_rounds", self.every_rounds, "must be >= 0 (0: last round only)"
+        )
+
+
+@dataclass(frozen=True)
 class FedChurnConfig:
     """A whole federated run."""
 
@@ -440,6 +468,7 @@ class FedChurnConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     institution_dp: InstitutionDPConfig = field(default_factory=InstitutionDPConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**31, "seed", self.seed, "must be in [0, 2^31)")
@@ -836,6 +865,14 @@ pretrain:                    # fedchurn pretrain: not private; for public or con
 federation:                  # fedchurn run on a real federation (deploy/README.md)
   run_name: null             # identity of the run at every bank; set it to be able to resume
   resume: false              # continue an interrupted run from its last completed round
+evaluation:                  # what a bank releases about its validation/test rows (accounted in its ε)
+  mode: dp                   # dp: noisy score histograms | off: nothing leaves the bank
+  noise_multiplier: 4.0      # Gaussian noise std per histogram cell (one customer changes one cell by 1);
+                             #   one release costs ε ≈ 1.0 alone at δ = 1e-5
+  bins: 10                   # equal-width logit bins over [-logit_range, logit_range]
+  logit_range: 6.0
+  every_rounds: 0            # 0: release only after the last round (or when the bank stops training);
+                             #   k: also after every k-th trained round, to keep the best (at most one per round)
 """
 
 

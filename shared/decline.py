@@ -24,7 +24,10 @@ DECLINED = "declined"
 
 BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take ε past the institution's budget
 DP_DISABLED = "dp-disabled"  # a budget is set but DP is off: no finite ε to keep within it
-REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED)
+# An evaluate reply with no metrics: evaluation is off, or a release is not allowed now (the bank's own log says
+# which rule); never a training decline.
+EVALUATION_WITHHELD = "evaluation-withheld"
+REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED, EVALUATION_WITHHELD)
 
 DECLINE_METRICS = ("epsilon", "projected-epsilon", "max-epsilon", "delta", "rounds-trained")
 
@@ -50,6 +53,8 @@ class Decline:
         }
 
     def explain(self) -> str:
+        if self.reason == EVALUATION_WITHHELD:
+            return "released no evaluation statistics (its evaluation policy or budget allows none now)"
         if self.reason == DP_DISABLED:
             return f"privacy is disabled (no finite ε), so no round fits the budget ε <= {self.max_epsilon:g}"
         return (

@@ -28,14 +28,21 @@ TRAIN_METRICS = (
     "steps",
     "total-steps",
 )
+# Evaluation metrics are computed at the bank from DP-released score histograms only (shared/private_metrics.py);
+# num-examples and n-test are the noisy test-row count.
 EVALUATE_METRICS = (
     WEIGHT_KEY,
     "auc",
     "pr-auc",
     "brier",
-    "accuracy",
+    "ece",
     "loss",
+    "mean-probability",
+    "churn-rate",
     "val-auc",
+    "kept-round",
+    "kept-auc",
+    "kept-ece",
     "epsilon",
     "delta",
     "n-train",

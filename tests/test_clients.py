@@ -16,7 +16,7 @@ from clients.training import steps_per_round
 from server.app import initial_encoder
 from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
 from shared.data import prepare_institution, resolve_schema
-from shared.privacy import compute_epsilon, sample_rate_for
+from shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
 from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
 
 
@@ -109,7 +109,14 @@ def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes
     evaluation = _send(app, context, encoder, MessageType.EVALUATE, 3).content
     assert set(evaluation.array_records) == set(), "evaluation sends no weights back"
     assert set(evaluation["metrics"]) == set(EVALUATE_METRICS)
-    assert evaluation["metrics"]["epsilon"] == pytest.approx(epsilons[-1])
+    # The release is one more Gaussian step (σ_e, q = 1) composed with the training history.
+    with_release = (
+        AccountantState(accountant="rdp")
+        .with_steps(noise_multiplier=config.privacy.noise_multiplier, sample_rate=q, steps=3 * per_round)
+        .with_steps(noise_multiplier=config.evaluation.noise_multiplier, sample_rate=1.0, steps=1)
+    )
+    assert evaluation["metrics"]["epsilon"] == pytest.approx(epsilon_of(with_release, delta=1e-5), rel=1e-9)
+    assert evaluation["metrics"]["epsilon"] > epsilons[-1]
     assert 0.0 <= evaluation["metrics"]["auc"] <= 1.0  # 3 noisy rounds on 300 rows: quality is checked elsewhere
 
 
