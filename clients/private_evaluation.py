@@ -189,8 +189,11 @@ def private_evaluation(
         "mean_probability": test["mean_probability"],
         "churn_rate": test["churn_rate"],
     }
+    # The first release is kept whatever its score (a noisy histogram can leave a class empty: AUC undefined);
+    # later ones replace it only with a better defined score.
     kept_auc = releases.kept.get("val_auc") if releases.kept else None
-    if math.isfinite(val_auc) and (kept_auc is None or val_auc > kept_auc):
+    better = math.isfinite(val_auc) and (kept_auc is None or val_auc > kept_auc)
+    if releases.kept is None or better:
         _keep(folder, model, calibrator, current, settings, run_id=state.run_id)
         releases.kept = {k: (v if math.isfinite(v) else None) for k, v in current.items()}
         releases.save(folder)
