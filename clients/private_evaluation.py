@@ -177,7 +177,7 @@ def private_evaluation(
     del exact, val_logits, test_logits  # nothing below reads the rows or their exact counts
     val_hist, test_hist = released[:2], released[2:]
 
-    calibrator = _calibrator(val_hist, settings)
+    calibrator, calibrated_on = _calibrator(val_hist, test_hist, settings)
     val_auc = histogram_auc(val_hist)
     test = histogram_metrics(test_hist, calibrator.probabilities(spec.centres))
     current = {
@@ -194,7 +194,7 @@ def private_evaluation(
     kept_auc = releases.kept.get("val_auc") if releases.kept else None
     better = math.isfinite(val_auc) and (kept_auc is None or val_auc > kept_auc)
     if releases.kept is None or better:
-        _keep(folder, model, calibrator, current, settings, run_id=state.run_id)
+        _keep(folder, model, calibrator, calibrated_on, current, settings, run_id=state.run_id)
         releases.kept = {k: (v if math.isfinite(v) else None) for k, v in current.items()}
         releases.save(folder)
     kept = releases.kept or {}
@@ -222,22 +222,35 @@ def private_evaluation(
     }
 
 
-def _calibrator(val_hist: np.ndarray, settings: EvaluationSettings) -> Calibrator:
-    """Platt scaling and decile thresholds from the released validation histogram; identity when it cannot."""
+def _calibrator(val_hist: np.ndarray, test_hist: np.ndarray, settings: EvaluationSettings) -> tuple[Calibrator, str]:
+    """Platt scaling and decile thresholds from released histograms (post-processing), and which ones were used.
+
+    The validation release is used when each class stands clear of the noise (its noisy count above σ_e·√B, the
+    std of that sum); otherwise validation + test pooled (the reported test metrics are then in-sample for the
+    calibrator's two numbers); otherwise none: the model's own probabilities and fixed, data-free thresholds.
+    """
     spec = settings.spec
-    try:
-        a, b = fit_platt_histogram(val_hist, spec.centres)
-        thresholds = decile_thresholds(val_hist, spec.edges)
-    except FedChurnError as exc:  # e.g. no churner left after the noise: keep the model's own probabilities
-        logger.warning("calibration skipped: %s", exc)
-        return Calibrator(a=1.0, b=0.0, thresholds=tuple(np.linspace(-1, 1, 9) * spec.logit_range * 0.8))
-    return Calibrator(a=a, b=b, thresholds=thresholds)
+    floor = settings.noise_multiplier * math.sqrt(spec.bins)
+    # Two releases summed: the noise std of a class total grows by √2.
+    candidates = (("validation", val_hist, floor), ("validation+test", val_hist + test_hist, floor * math.sqrt(2.0)))
+    for source, hist, floor_here in candidates:
+        totals = hist.sum(axis=1)
+        if totals.min() <= floor_here:
+            continue
+        try:
+            a, b = fit_platt_histogram(hist, spec.centres)
+            return Calibrator(a=a, b=b, thresholds=decile_thresholds(hist, spec.edges)), source
+        except FedChurnError as exc:
+            logger.warning("calibration on %s skipped: %s", source, exc)
+    logger.warning("calibration skipped: the released histograms are too noisy to fit (a class below σ_e·√bins)")
+    return Calibrator(a=1.0, b=0.0, thresholds=tuple(np.linspace(-0.8, 0.8, 9) * spec.logit_range)), "none"
 
 
 def _keep(
     folder: Path,
     model: ChurnModel,
     calibrator: Calibrator,
+    calibrated_on: str,
     metrics: dict[str, Any],
     settings: EvaluationSettings,
     *,
@@ -258,7 +271,7 @@ def _keep(
         "selected_by": "AUC of the DP-released validation histogram",
         "validation_auc": finite(metrics["val_auc"]),
         "released_test_metrics": {k: finite(v) for k, v in metrics.items() if k not in ("round", "val_auc")},
-        "calibration": calibrator.to_dict(),
+        "calibration": calibrator.to_dict() | {"fitted_on": f"DP-released {calibrated_on} histogram"},
         "histogram": {"bins": settings.spec.bins, "logit_range": settings.spec.logit_range},
     }
     _atomic_write(folder / KEPT_RECORD_FILE, json.dumps(record, indent=2, allow_nan=False))
