@@ -68,6 +68,8 @@ class DeclineScreen(Strategy):
                 continue
             name = reply_institution(message)
             decline = read_decline(message)
+            if not isinstance(decline, str) and decline.reason == EVALUATION_WITHHELD:
+                decline = "'evaluation-withheld' answers an evaluate request, not a training round"
             if name is None or isinstance(decline, str):
                 reason = decline if isinstance(decline, str) else "a decline that names no institution"
                 malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))

@@ -325,6 +325,10 @@ def test_the_server_records_a_withheld_evaluation_instead_of_failing(tmp_path: P
     assert strategy.aggregate_evaluate(1, [reply]) is None
     assert oversight.withheld == {"bank-01": [1]}
     assert recorder.dropped == [] and recorder.latest == {}
+    # Sent as a training reply, it is not a training decline: the bank does not count as stopped.
+    strategy.aggregate_train(1, [reply])
+    assert oversight.declines == [] and oversight.stopped == {}
+    assert len(recorder.dropped) == 1 and "evaluate request" in recorder.dropped[0]["reason"]
 
 
 # --------------------------------------------------------------------------------------------------
