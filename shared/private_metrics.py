@@ -92,6 +92,15 @@ class EvaluationSettings:
     def enabled(self) -> bool:
         return self.mode == "dp"
 
+    def planned_releases(self, rounds: int) -> int:
+        """Releases a bank makes in a run of ``rounds`` rounds it trains in full: for planning σ to a target ε,
+        each is one more accountant step (noise_multiplier σ_e, sample_rate 1, steps 1)."""
+        if not self.enabled or rounds < 1:
+            return 0
+        if self.every_rounds == 0:
+            return 1
+        return rounds // self.every_rounds + (1 if rounds % self.every_rounds else 0)
+
 
 def evaluation_settings(config: FedChurnConfig, institution: str) -> EvaluationSettings:
     """The evaluation settings ``institution`` follows. Every reader of them goes through this one function.

@@ -402,3 +402,19 @@ def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -
     assert _calibrator(weak, strong, settings)[1] == "validation+test"
     calibrator, source = _calibrator(weak, weak, settings)
     assert source == "none" and (calibrator.a, calibrator.b) == (1.0, 0.0)
+
+
+def test_planned_releases_count_what_the_release_rule_allows() -> None:
+    from shared.private_metrics import EvaluationSettings
+
+    spec = BinSpec(bins=10, logit_range=6.0)
+
+    def planned(mode: str, every: int, rounds: int) -> int:
+        settings = EvaluationSettings(mode=mode, noise_multiplier=4.0, spec=spec, every_rounds=every)
+        return settings.planned_releases(rounds)
+
+    assert planned("dp", 0, 5) == 1  # the last round only
+    assert planned("dp", 1, 5) == 5
+    assert planned("dp", 2, 5) == 3  # after rounds 2, 4 and the last, 5
+    assert planned("dp", 5, 5) == 1
+    assert planned("off", 1, 5) == 0
