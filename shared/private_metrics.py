@@ -71,10 +71,12 @@ class BinSpec:
         return (edges[:-1] + edges[1:]) / 2.0
 
     def index(self, logits: np.ndarray) -> np.ndarray:
-        """Bin index 0..B-1 of each logit (values beyond the range go to the end bins)."""
-        x = np.asarray(logits, dtype=np.float64)
-        if not np.isfinite(x).all():
-            raise FedChurnError("the model produced non-finite logits: they cannot be binned")
+        """Bin index 0..B-1 of each logit (values beyond the range, ±inf included, go to the end bins).
+
+        A NaN logit counts as 0. Never an error: a model crafted to overflow on some rows only would otherwise
+        turn "released or not" into a signal about those rows, outside the DP guarantee.
+        """
+        x = np.nan_to_num(np.asarray(logits, dtype=np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
         width = 2.0 * self.logit_range / self.bins
         return np.clip(np.floor((x + self.logit_range) / width), 0, self.bins - 1).astype(np.int64)
 

@@ -296,6 +296,18 @@ def test_a_server_asking_every_round_gets_at_most_one_release_per_trained_round(
     assert audit.epsilon == pytest.approx(privacy["epsilon"])
 
 
+def test_an_encoder_that_overflows_on_some_rows_still_gets_only_a_dp_release(tmp_path: Path) -> None:
+    config = _config(tmp_path, rounds=1)
+    app, context = make_client_app(), _context(config)
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    _send(app, context, encoder, MessageType.TRAIN, 1)
+    # Finite weights (the bank's checks pass) so large that rows overflow to inf/NaN depending on their values.
+    hostile = {k: (v * np.float32(1e37) if v.ndim == 2 else v) for k, v in encoder.items()}
+    reply = _send(app, context, hostile, MessageType.EVALUATE, 1)  # no error reply whatever the rows hold
+    assert not _is_withheld(reply) and set(reply.content["metrics"]) == set(EVALUATE_METRICS)
+    assert len(_evaluate_records(config)) == 1
+
+
 def test_default_releases_only_after_the_last_round_and_keeps_a_calibrated_model(tmp_path: Path) -> None:
     config = _config(tmp_path, rounds=2)  # default every_rounds = 0: the last round only
     app, context = make_client_app(), _context(config)
