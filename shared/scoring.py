@@ -163,6 +163,10 @@ def _kept_model(home: Path, config: FedChurnConfig, input_dim: int) -> tuple[Chu
     if not (model_path.is_file() and record_path.is_file()):
         return None
     record = _load_json(record_path)
+    privacy_path = home / "privacy.json"  # the institution's state: which run it belongs to now
+    current = _load_json(privacy_path).get("run_id") if privacy_path.is_file() else record.get("run_id")
+    if record.get("run_id") != current:  # kept in an earlier run in this folder: not this run's model
+        return None
     calibration = record.get("calibration")
     if not isinstance(calibration, dict):
         raise CheckpointError(f"{record_path} holds no calibration record")

@@ -36,6 +36,7 @@ from shared.config import (
 )
 from shared.data import generate_synthetic_institution, prepare_institution, resolve_schema, write_csv
 from shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
+from shared.errors import DataError
 from shared.ledger import InstitutionLedger
 from shared.metrics import risk_deciles
 from shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
@@ -390,6 +391,12 @@ def test_predict_gives_a_customer_the_same_decile_in_any_file(tmp_path: Path) ->
         ranked = risk_deciles(np.array([float(scored[i][0]) for i in ids]))
         within[name] = dict(zip(ids, ranked.tolist(), strict=True))
     assert any(within["a.csv"][c] != within["b.csv"][c] for c in shared)
+    # A later run in the same folder that kept nothing: the earlier run's kept model is not used.
+    privacy_path = run / "institutions" / "bank-01" / "privacy.json"
+    privacy = json.loads(privacy_path.read_text())
+    privacy_path.write_text(json.dumps({**privacy, "run_id": "a-later-run"}))
+    with pytest.raises(DataError, match="encoder not found"):  # falls back to the final model, absent here
+        score_customers(run, "bank-01", tmp_path / "a.csv", tmp_path / "again.csv")
 
 
 def test_evaluation_config_names_key_value_and_rule() -> None:
