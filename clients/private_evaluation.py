@@ -227,23 +227,30 @@ def _calibrator(val_hist: np.ndarray, test_hist: np.ndarray, settings: Evaluatio
 
     The validation release is used when each class stands clear of the noise (its noisy count above σ_e·√B, the
     std of that sum); otherwise validation + test pooled (the reported test metrics are then in-sample for the
-    calibrator's two numbers); otherwise none: the model's own probabilities and fixed, data-free thresholds.
+    calibrator's two numbers); otherwise none: the model's own probabilities. Decile thresholds always come from
+    both releases pooled (a score distribution needs no labels, and more rows steady it).
     """
     spec = settings.spec
     floor = settings.noise_multiplier * math.sqrt(spec.bins)
+    # Decile thresholds describe the score distribution, not labels: always from both releases pooled.
+    pooled = val_hist + test_hist
+    try:
+        thresholds = decile_thresholds(pooled, spec.edges)
+    except FedChurnError:
+        thresholds = tuple(np.linspace(-0.8, 0.8, 9) * spec.logit_range)
     # Two releases summed: the noise std of a class total grows by √2.
-    candidates = (("validation", val_hist, floor), ("validation+test", val_hist + test_hist, floor * math.sqrt(2.0)))
+    candidates = (("validation", val_hist, floor), ("validation+test", pooled, floor * math.sqrt(2.0)))
     for source, hist, floor_here in candidates:
         totals = hist.sum(axis=1)
         if totals.min() <= floor_here:
             continue
         try:
             a, b = fit_platt_histogram(hist, spec.centres)
-            return Calibrator(a=a, b=b, thresholds=decile_thresholds(hist, spec.edges)), source
+            return Calibrator(a=a, b=b, thresholds=thresholds), source
         except FedChurnError as exc:
             logger.warning("calibration on %s skipped: %s", source, exc)
     logger.warning("calibration skipped: the released histograms are too noisy to fit (a class below σ_e·√bins)")
-    return Calibrator(a=1.0, b=0.0, thresholds=tuple(np.linspace(-0.8, 0.8, 9) * spec.logit_range)), "none"
+    return Calibrator(a=1.0, b=0.0, thresholds=thresholds), "none"
 
 
 def _keep(

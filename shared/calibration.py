@@ -167,8 +167,12 @@ def _intercept(c: np.ndarray, pos: np.ndarray, total: np.ndarray) -> float:
 
 
 def decile_thresholds(histogram: np.ndarray, edges: np.ndarray) -> tuple[float, ...]:
-    """The 10 %, ..., 90 % quantiles of the histogram's scores, linear within each bin (logit space)."""
-    h = np.clip(np.asarray(histogram, dtype=np.float64), 0.0, None)
+    """The 10 %, ..., 90 % quantiles of the histogram's scores, linear within each bin (logit space).
+
+    The cumulative count is built from the counts as released (mean-zero noise; clipping each empty cell at 0
+    would pile phantom rows into every empty bin), then made non-decreasing.
+    """
+    h = np.asarray(histogram, dtype=np.float64)
     total = h.sum(axis=0)
     edges = np.asarray(edges, dtype=np.float64)
     if edges.shape != (total.shape[0] + 1,):
@@ -176,7 +180,8 @@ def decile_thresholds(histogram: np.ndarray, edges: np.ndarray) -> tuple[float, 
     n = float(total.sum())
     if n <= 0:
         raise FedChurnError("an empty histogram has no quantiles")
-    cumulative = np.concatenate(([0.0], np.cumsum(total))) / n
+    cumulative = np.clip(np.maximum.accumulate(np.concatenate(([0.0], np.cumsum(total)))), 0.0, n) / n
+    cumulative[-1] = 1.0
     thresholds = []
     for k in range(1, 10):
         level = k / 10.0
