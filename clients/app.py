@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from clients.budget import BankDeclined
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
+from clients.private_evaluation import EvaluationWithheld
 from shared.config import FedChurnConfig, config_from_run_config
 from shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
 from shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
@@ -29,7 +30,6 @@ from shared.wire import (
     IDENTITY_KEY,
     METRICS_KEY,
     TRAIN_METRICS,
-    WEIGHT_KEY,
     from_array_record,
     identity_record,
     to_array_record,
@@ -109,14 +109,21 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
 
     def evaluate(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
-        metrics = evaluate_round(
-            institution,
-            encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
-            run_id=context.run_id,
-            context_state=context.state,
-        )
-        if not institution.policy.report_dataset_size:  # exact row counts stay at the bank: 1.0 / 0.0 = withheld
-            metrics = {**metrics, WEIGHT_KEY: 1.0, "n-train": 0.0, "n-test": 0.0}
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        try:
+            metrics = evaluate_round(
+                institution,
+                encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]
+                run_id=context.run_id,
+                context_state=context.state,
+                server_round=int(round_config.get("server-round", 0)),  # type: ignore[arg-type]
+            )
+        except EvaluationWithheld as withheld:  # nothing about its rows may leave now (clients/private_evaluation.py)
+            return Message(content=decline_content(institution.name, withheld.decline), reply_to=msg)
+        if not institution.policy.report_dataset_size:
+            # The exact training-set size stays at the bank (0.0 = withheld); the test count and the weight are
+            # noisy counts from the DP release, covered by ε.
+            metrics = {**metrics, "n-train": 0.0}
         content = RecordDict(
             {
                 METRICS_KEY: whitelisted_metrics(metrics, EVALUATE_METRICS),

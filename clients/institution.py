@@ -21,7 +21,7 @@ import torch
 from flwr.app import RecordDict
 
 from clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
-from clients.evaluation import evaluate
+from clients.private_evaluation import private_evaluation
 from clients.state import InstitutionState, StateStore
 from clients.training import steps_per_round
 from clients.transfer import train_round_phases
@@ -47,6 +47,7 @@ from shared.policy import (
     policy_for_simulated_bank,
 )
 from shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
+from shared.private_metrics import evaluation_settings
 from shared.sharing import load_shared_arrays, outgoing_arrays
 from shared.transfer import epochs_per_round
 from shared.wire import WEIGHT_KEY
@@ -327,7 +328,6 @@ def train_round(
     metrics = {
         # FedAvg weight: the exact row count only when the bank's policy allows it (report_dataset_size).
         WEIGHT_KEY: float(n_train) if policy.report_dataset_size else 1.0,
-        "train-loss": report.loss if math.isfinite(report.loss) else 0.0,
         "epsilon": report.epsilon,
         "delta": report.delta,
         "noise-multiplier": report.noise_multiplier,
@@ -371,9 +371,15 @@ def _plan_noise(
     cap = lifetime_cap(institution)
     target = privacy.target_epsilon if cap is None else min(privacy.target_epsilon, cap)
     remaining = max(rounds - state.rounds_trained, 1)
+    # The evaluation releases still to come are spent from the same target: plan them in before σ.
+    releases = evaluation_settings(institution.config, policy=institution.policy).planned_releases(remaining)
+    planned = lifetime
+    if releases:
+        noise = evaluation_settings(institution.config, policy=institution.policy).noise_multiplier
+        planned = lifetime.with_steps(noise_multiplier=noise, sample_rate=1.0, steps=releases)
     try:
         sigma = noise_multiplier_after(
-            lifetime, target_epsilon=target, delta=privacy.delta, sample_rate=sample_rate, steps=remaining * steps
+            planned, target_epsilon=target, delta=privacy.delta, sample_rate=sample_rate, steps=remaining * steps
         )
     except PrivacyError as error:
         spent = epsilon_of(lifetime, delta=privacy.delta)
@@ -407,29 +413,34 @@ def _plan_noise(
 
 
 def evaluate_round(
-    institution: Institution, *, encoder: Mapping[str, np.ndarray], run_id: int, context_state: RecordDict
+    institution: Institution,
+    *,
+    encoder: Mapping[str, np.ndarray],
+    run_id: int,
+    context_state: RecordDict,
+    server_round: int = 0,
 ) -> dict[str, float]:
-    """Global encoder + this institution's own head, on its own validation and test rows."""
+    """Global encoder + this institution's own head on its validation and test rows, released only under DP.
+
+    Raises :class:`~clients.private_evaluation.EvaluationWithheld` when nothing may be released (evaluation off,
+    no new trained round, budget): see ``clients/private_evaluation.py``.
+    """
     config = institution.config
-    data = load_data(institution)
-    state = StateStore(
+    settings = evaluation_settings(config, policy=institution.policy)
+    store = StateStore(
         institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
-    ).load(context_state)
+    )
+    state = store.load(context_state)
+    data = load_data(institution)
     model = _build_model(institution, data, state)
     load_shared_arrays(model, encoder, mode=config.transfer.mode)
-    test = evaluate(model, data.x_test, data.y_test)
-    validation = evaluate(model, data.x_val, data.y_val)
-    privacy_on = config.privacy.enabled
-    return {
-        "num-examples": float(len(data.y_test)),
-        "auc": test["auc"],
-        "pr-auc": test["pr_auc"],
-        "brier": test["brier"],
-        "accuracy": test["accuracy"],
-        "loss": test["loss"],
-        "val-auc": validation["auc"],
-        "epsilon": state.last_epsilon if privacy_on else math.inf,
-        "delta": config.privacy.delta if privacy_on else 0.0,
-        "n-train": float(len(data.y_train)),
-        "n-test": float(len(data.y_test)),
-    }
+    return private_evaluation(
+        institution,
+        settings,
+        model=model,
+        data=data,
+        state=state,
+        store=store,
+        context_state=context_state,
+        server_round=server_round,
+    )

@@ -96,8 +96,10 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
                 "unit": "one customer row",
                 "accountant": config.privacy.accountant,
                 "sampling": "Poisson",
-                "composition": "cumulative over every round each institution trained",
-                "not_covered": "metrics sent to the server (AUC, loss, counts) are not protected by DP",
+                "composition": "lifetime: every mechanism each bank ran on the same rows, across runs (its own ledger)",
+                "evaluation": "metrics are computed from score histograms released with Gaussian noise and accounted "
+                "in each bank's ε (evaluation.mode dp), or not sent at all (off)",
+                "not_covered": "whether a bank replied or declined and its code; the ceil(n/B) that epsilon reveals",
             },
             "versions": library_versions(),
             "config": config_to_dict(config),

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
 from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
 from shared.config import FedChurnConfig
-from shared.decline import Decline, is_decline, read_decline
+from shared.decline import EVALUATION_WITHHELD, Decline, is_decline, read_decline
 from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
 from shared.wire import WEIGHT_KEY
 
@@ -74,6 +74,8 @@ class DeclineScreen(Strategy):
                 continue
             name = reply_institution(message)
             decline = read_decline(message)
+            if not isinstance(decline, str) and decline.reason == EVALUATION_WITHHELD:
+                decline = "'evaluation-withheld' answers an evaluate request, not a training round"
             if name is None or isinstance(decline, str):
                 reason = decline if isinstance(decline, str) else "a decline that names no institution"
                 malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
@@ -88,7 +90,22 @@ class DeclineScreen(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        others: list[Message] = []
+        withheld: list[str] = []
+        malformed: list[DroppedReply] = []
+        for message in replies:
+            if not is_decline(message):
+                others.append(message)
+                continue
+            name = reply_institution(message)
+            decline = read_decline(message)
+            if name is None or isinstance(decline, str) or decline.reason != EVALUATION_WITHHELD:
+                reason = decline if isinstance(decline, str) else "not an acceptable evaluate decline"
+                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
+            else:
+                withheld.append(name)
+        self.oversight.on_withheld(server_round, sorted(withheld), malformed)
+        return self.strategy.aggregate_evaluate(server_round, others)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -115,6 +132,7 @@ class PrivacyOversight:
                     self.declines.append(decline)
                     self.stopped.setdefault(decline["institution"], decline)
         self.releases: list[Release] = []
+        self.withheld: dict[str, list[int]] = {}  # institution -> rounds it released no evaluation
         self._weights: dict[int, list[float]] = {}
         self._forward: RoundObserver | None = None
 
@@ -171,6 +189,14 @@ class PrivacyOversight:
         if malformed and self._forward is not None:
             self._forward.on_train(server_round, [], malformed)
 
+    def on_withheld(self, server_round: int, names: list[str], malformed: list[DroppedReply]) -> None:
+        """Institutions that released no evaluation statistics this round: recorded, never an error."""
+        for name in names:
+            self.withheld.setdefault(name, []).append(server_round)
+            self._append({"kind": "evaluation-withheld", "round": server_round, "institution": name})
+        if malformed and self._forward is not None:
+            self._forward.on_evaluate(server_round, [], malformed)
+
     def on_release(self, release: Release) -> None:
         self.releases.append(release)
         self._append(
@@ -224,6 +250,7 @@ class PrivacyOversight:
             },
             "institution_dp": institution_dp,
             "noise": NOT_PRIVATE_NOISE if self.config.privacy.reproducible_noise else SECRET_NOISE,
+            "evaluation_withheld": {name: rounds for name, rounds in sorted(self.withheld.items())},
             "consortium_ledger": CONSORTIUM_LEDGER_FILE,
         }
 

@@ -27,12 +27,17 @@ SUMMARY_FIELDS = {
     "auc": "auc",
     "pr-auc": "pr_auc",
     "brier": "brier",
-    "accuracy": "accuracy",
+    "ece": "ece",
+    "mean-probability": "mean_probability",
+    "churn-rate": "churn_rate",
     "epsilon": "epsilon",
     "delta": "delta",
     "n-train": "n_train",
     "n-test": "n_test",
     "val-auc": "val_auc",
+    "kept-round": "model_round",  # the round of the model the bank keeps (best DP validation AUC)
+    "kept-auc": "model_auc",
+    "kept-ece": "model_ece",
 }
 
 
@@ -97,15 +102,16 @@ class RunRecorder:
         self.completed_rounds = server_round
         this_round = [v for v in self.latest.values() if v["round"] == server_round]
         aucs = [v["auc"] for v in this_round if math.isfinite(v["auc"])]
-        epsilons = [v["epsilon"] for v in this_round]
+        # Rounds where the banks released no evaluation: ε from what they reported training.
+        epsilons = [v["epsilon"] for v in this_round] or [v["epsilon"] for v in self.trained.values()]
         dropped_now = sum(1 for d in self.dropped if d["round"] == server_round)
         progress.info(
-            "round %d/%d  %d institutions  AUC mean %.3f (min %.3f)  ε max %s  %s%.1f s",
+            "round %d/%d  %s  ε max %s  %s%.1f s",
             server_round,
             self.rounds,
-            len(this_round),
-            sum(aucs) / len(aucs) if aucs else float("nan"),
-            min(aucs) if aucs else float("nan"),
+            f"{len(this_round)} institutions  AUC mean {sum(aucs) / len(aucs):.3f} (min {min(aucs):.3f})"
+            if aucs
+            else f"{len(this_round)} institutions released evaluation metrics",
             f"{max(epsilons):.3f}" if epsilons and math.isfinite(max(epsilons)) else "n/a (DP off)",
             f"{dropped_now} replies dropped  " if dropped_now else "",
             seconds,
@@ -117,10 +123,11 @@ class RunRecorder:
     def summary(self, *, extra: Mapping[str, Any]) -> dict[str, Any]:
         institutions = {}
         for name in sorted(self.latest):
-            entry = dict(self.latest[name])
-            entry["epsilon"] = _json_number(entry["epsilon"])
+            entry = _finite_only(dict(self.latest[name]))  # NaN (a class empty after the noise) -> null
             entry["n_train"] = int(entry["n_train"])
             entry["n_test"] = int(entry["n_test"])
+            if entry.get("model_round") is not None:
+                entry["model_round"] = int(entry["model_round"])
             entry["evaluated_round"] = entry.pop("round")
             institutions[name] = entry
         return {

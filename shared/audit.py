@@ -269,7 +269,9 @@ def _records(entries: Sequence[ChainEntry], audit: InstitutionAudit) -> list[dic
 
 
 def _recompose(records: list[dict[str, Any]], audit: InstitutionAudit) -> None:
-    last = records[-1]
+    # Evaluation releases ("kind": "evaluate") are composed like any step; training settings come from training.
+    trained = [r for r in records if r.get("kind", "train") == "train"]
+    last = trained[-1] if trained else records[-1]
     accountants = {r.get("accountant") for r in records}
     deltas = {r.get("delta") for r in records}
     if len(accountants) != 1 or len(deltas) != 1:
@@ -339,12 +341,13 @@ def _cross_check(
         history = (state.get("accountant_state") or {}).get("history") or []
         steps = sum(int(h.get("steps", 0)) for h in history if isinstance(h, dict))
         ledger_steps = sum(int(r["steps"]) for r in records)
-        if steps != ledger_steps or state.get("rounds_trained") != len(records):
+        trained = [r for r in records if r.get("kind", "train") == "train"]
+        if steps != ledger_steps or state.get("rounds_trained") != len(trained):
             audit.findings.append(
                 f"the institution's state ({STATE_FILE}) has {state.get('rounds_trained')} rounds / {steps} steps "
-                f"but the ledger {len(records)} rounds / {ledger_steps} steps: records are missing from the ledger"
+                f"but the ledger {len(trained)} rounds / {ledger_steps} steps: records are missing from the ledger"
             )
-    by_round = {int(r.get("round", -1)): r for r in records}
+    by_round = {int(r.get("round", -1)): r for r in records if r.get("kind", "train") == "train"}
     for reported in consortium:
         if reported.get("kind") != "train" or reported.get("institution") != audit.name:
             continue

@@ -429,6 +429,34 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """What a bank releases about its validation and test rows (logic: shared/private_metrics.py).
+
+    ``off``: nothing. ``dp``: a 2×bins histogram of model scores per row set with Gaussian noise of std
+    ``noise_multiplier`` per cell (sensitivity 1), accounted in the bank's ledger, never past its budget.
+    """
+
+    mode: Literal["off", "dp"] = "dp"
+    noise_multiplier: float = 5.0
+    bins: int = 10
+    logit_range: float = 6.0
+    every_rounds: int = 0  # 0: only after the run's last round (or when the bank stops); k: also every k-th
+
+    def __post_init__(self) -> None:
+        _require(
+            0.5 <= self.noise_multiplier <= 1000.0,
+            "evaluation.noise_multiplier",
+            self.noise_multiplier,
+            "must be in [0.5, 1000] (noise std per histogram cell)",
+        )
+        _require(2 <= self.bins <= 1000, "evaluation.bins", self.bins, "must be 2..1000")
+        _require(0.0 < self.logit_range <= 50.0, "evaluation.logit_range", self.logit_range, "must be in (0, 50]")
+        _require(
+            self.every_rounds >= 0, "evaluation.every_rounds", self.every_rounds, "must be >= 0 (0: last round only)"
+        )
+
+
+@dataclass(frozen=True)
 class FedChurnConfig:
     """A whole federated run."""
 
@@ -448,6 +476,7 @@ class FedChurnConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     # Simulated banks' own privacy policies (shared/policy.py); a real bank reads its policy from its node config.
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.seed < 2**31, "seed", self.seed, "must be in [0, 2^31)")
@@ -858,6 +887,14 @@ policy:                      # each SIMULATED bank's own policy (a real bank rea
   max_rounds_per_run: null   # refuse runs of more rounds (null: no limit)
   report_dataset_size: false # false: FedAvg weight 1.0 and no row counts leave the bank
   institutions: {}           # per-bank overrides, e.g. {bank-01: {min_noise_multiplier: 1.0, lifetime_epsilon: 3.0}}
+evaluation:                  # what a bank releases about its validation/test rows (accounted in its ε)
+  mode: dp                   # dp: noisy score histograms | off: nothing leaves the bank
+  noise_multiplier: 5.0      # Gaussian noise std per histogram cell (one customer changes one cell by 1);
+                             #   a bank uses the larger of this and its policy's evaluation_noise_multiplier
+  bins: 10                   # equal-width logit bins over [-logit_range, logit_range]
+  logit_range: 6.0
+  every_rounds: 0            # 0: release only after the last round (or when the bank stops training);
+                             #   k: also after every k-th trained round, to keep the best (at most one per round)
 """
 
 

@@ -54,7 +54,10 @@ ERROR_REASONS = {
     ERROR_STATE: "its saved state or ledger could not be used (details in the bank's own log)",
     ERROR_INTERNAL: "an internal error (details in the bank's own log)",
 }
-REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED, *POLICY_REASONS, *ERROR_REASONS)
+# An evaluate reply with no metrics: evaluation is off, or a release is not allowed now (the bank's own log says
+# which rule); never a training decline.
+EVALUATION_WITHHELD = "evaluation-withheld"
+REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED, EVALUATION_WITHHELD, *POLICY_REASONS, *ERROR_REASONS)
 
 DECLINE_METRICS = ("epsilon", "projected-epsilon", "max-epsilon", "delta", "rounds-trained")
 
@@ -85,6 +88,8 @@ class Decline:
         return cls(reason=reason, epsilon=0.0, projected_epsilon=0.0, max_epsilon=0.0, delta=0.0, rounds_trained=0)
 
     def explain(self) -> str:
+        if self.reason == EVALUATION_WITHHELD:
+            return "released no evaluation statistics (its evaluation policy or budget allows none now)"
         if self.reason in POLICY_REASONS:
             return f"declined by the bank's own policy ({self.reason}): {POLICY_REASONS[self.reason]}"
         if self.reason in ERROR_REASONS:

@@ -14,7 +14,16 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["accuracy", "binary_metrics", "brier_score", "pr_auc", "risk_deciles", "roc_auc"]
+__all__ = [
+    "accuracy",
+    "binary_metrics",
+    "brier_score",
+    "calibration_table",
+    "expected_calibration_error",
+    "pr_auc",
+    "risk_deciles",
+    "roc_auc",
+]
 
 
 def _labels(y_true: np.ndarray) -> np.ndarray:
@@ -117,6 +126,38 @@ def accuracy(y_true: np.ndarray, probabilities: np.ndarray, *, threshold: float 
     y = _labels(y_true)
     p = _probabilities(probabilities, y.shape[0])
     return float(np.mean((p >= threshold).astype(np.int64) == y))
+
+
+def calibration_table(y_true: np.ndarray, probabilities: np.ndarray, *, bins: int = 10) -> list[dict[str, float]]:
+    """Rows grouped into ``bins`` equal-width probability bins ([0, 0.1), ..., [0.9, 1]): count, mean predicted
+    probability and observed churn rate per non-empty bin."""
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"bins must be a whole number >= 1, got {bins!r}")
+    y = _labels(y_true)
+    p = _probabilities(probabilities, y.shape[0])
+    group = np.clip(np.floor(p * bins), 0, bins - 1).astype(np.int64)
+    table = []
+    for g in range(bins):
+        members = group == g
+        n = int(members.sum())
+        if n:
+            table.append(
+                {
+                    "low": g / bins,
+                    "high": (g + 1) / bins,
+                    "count": float(n),
+                    "mean_probability": float(p[members].mean()),
+                    "churn_rate": float(y[members].mean()),
+                }
+            )
+    return table
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, *, bins: int = 10) -> float:
+    """Σ_b (n_b / n) |churn rate_b − mean predicted probability_b| over ``bins`` equal-width probability bins."""
+    table = calibration_table(y_true, probabilities, bins=bins)
+    n = sum(row["count"] for row in table)
+    return float(sum(row["count"] / n * abs(row["churn_rate"] - row["mean_probability"]) for row in table))
 
 
 def binary_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

@@ -22,19 +22,25 @@ WEIGHT_KEY = "num-examples"  # FedAvg weight: 1.0, or the rows trained on when t
 # rate and step counts (q = 1/ceil(n/B) reveals n) stay at the bank.
 TRAIN_METRICS = (
     WEIGHT_KEY,
-    "train-loss",
     "epsilon",
     "delta",
     "noise-multiplier",
 )
+# Evaluation metrics are computed at the bank from DP-released score histograms only (shared/private_metrics.py);
+# num-examples and n-test are the noisy test-row count.
 EVALUATE_METRICS = (
     WEIGHT_KEY,
     "auc",
     "pr-auc",
     "brier",
-    "accuracy",
+    "ece",
     "loss",
+    "mean-probability",
+    "churn-rate",
     "val-auc",
+    "kept-round",
+    "kept-auc",
+    "kept-ece",
     "epsilon",
     "delta",
     "n-train",

@@ -287,7 +287,11 @@ def test_raised_budget_new_run_name_and_new_run_are_declined_once_the_lifetime_c
 
 
 def test_resume_with_more_rounds_replans_sigma_within_target_or_declines(tmp_path: Path, bank_csv: Path) -> None:
-    config = _server_config(tmp_path, **{"privacy.noise_multiplier": None, "privacy.target_epsilon": 3.0})
+    # Evaluation off: the plan then spends the whole target on training (test_clients checks the plan that keeps
+    # room for the final evaluation release).
+    config = _server_config(
+        tmp_path, **{"privacy.noise_multiplier": None, "privacy.target_epsilon": 3.0, "evaluation.mode": "off"}
+    )
     config = apply_overrides(config, {"rounds": 2, "federation.run_name": "r"})
     bank = RealBank(tmp_path, bank_csv, policy={**POLICY, "max_rounds_per_run": 10})
     sigmas = []
@@ -381,7 +385,7 @@ def test_a_crafted_schema_never_gets_a_data_value_into_a_reply_or_server_file(tm
 
 
 def test_train_reply_carries_no_row_count_by_default(tmp_path: Path, bank_csv: Path) -> None:
-    config = _server_config(tmp_path)
+    config = apply_overrides(_server_config(tmp_path), {"rounds": 1})  # round 1 is the last: evaluation releases
     bank = RealBank(tmp_path, bank_csv)
     metrics = dict(bank.send(config, 1).content["metrics"])
     assert set(metrics) == set(TRAIN_METRICS)
@@ -394,6 +398,7 @@ def test_train_reply_carries_no_row_count_by_default(tmp_path: Path, bank_csv: P
     content = RecordDict({"arrays": to_array_record(_encoder(config)), "config": ConfigRecord({"server-round": 1})})
     evaluation = bank.app(Message(content=content, dst_node_id=7, message_type=MessageType.EVALUATE), context)
     counts = evaluation.content["metrics"]
-    assert (counts["num-examples"], counts["n-train"], counts["n-test"]) == (1.0, 0.0, 0.0)  # withheld
+    assert counts["n-train"] == 0.0  # withheld; the test count and the weight are noisy counts of the DP release
+    assert counts["num-examples"] >= 1.0
     allowed = RealBank(tmp_path, bank_csv, name="open", policy={**POLICY, "report_dataset_size": True})
     assert allowed.send(config, 1).content["metrics"]["num-examples"] == float(allowed.n_train(config))

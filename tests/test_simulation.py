@@ -41,11 +41,17 @@ def test_summary_has_every_institution_with_metrics_and_cumulative_epsilon(two_r
     out, summary, _, _ = two_runs
     assert summary["rounds"] == 2
     assert sorted(summary["institutions"]) == ["bank-01", "bank-02", "bank-03"]
+    exact_aucs = []
     for name, metrics in summary["institutions"].items():
-        assert set(metrics) >= {"auc", "pr_auc", "brier", "accuracy", "epsilon", "delta", "n_train", "n_test"}
-        # Two noisy DP rounds on 300-900 rows: better than chance at every bank (0.52-0.63 on this seed's split;
-        # over random splits a plain logistic regression itself varies by ±0.05 on these test sets).
-        assert metrics["auc"] > 0.5, name
+        assert set(metrics) >= {"auc", "pr_auc", "brier", "ece", "epsilon", "delta", "n_train", "n_test"}
+        assert metrics["model_round"] == 2  # released after the last round only (evaluation.every_rounds = 0)
+        # What the server sees is noisy (DP histograms of ~60-180 test rows); the bank's own exact view of the
+        # model it kept is what must be good.
+        assert metrics["auc"] is None or 0.0 <= metrics["auc"] <= 1.0
+        # Two noisy DP rounds on 300-900 rows with secret splits: better than chance at every bank (0.56-0.77
+        # measured); over random splits a plain logistic regression itself varies by about 0.05 on these test sets.
+        exact_aucs.append(_exact_test_auc(out, name))
+        assert exact_aucs[-1] > 0.5, name
         assert 0.0 < metrics["epsilon"] < 10.0
         assert metrics["delta"] == 1e-5
         assert metrics["evaluated_round"] == 2
@@ -54,14 +60,34 @@ def test_summary_has_every_institution_with_metrics_and_cumulative_epsilon(two_r
         assert privacy["epsilon"] == pytest.approx(metrics["epsilon"])
         assert (out / "institutions" / name / "head.pt").is_file()
     assert summary["dropped_replies"] == []
-    assert sum(m["auc"] for m in summary["institutions"].values()) / 3 > 0.55
+    assert sum(exact_aucs) / len(exact_aucs) > 0.58
+
+
+def _exact_test_auc(out: Path, name: str) -> float:
+    """AUC of the institution's kept model on its exact test rows (the bank's own view; never sent)."""
+    import torch
+
+    from clients.evaluation import predict_logits
+    from shared.bank_random import bank_secret_key
+    from shared.config import load_config
+    from shared.data import prepare_institution
+    from shared.metrics import roc_auc
+    from shared.model import build_model
+
+    config = load_config(out / "config.yaml")
+    key, _ = bank_secret_key(out / "institutions" / name)  # the bank's own split (its secret key)
+    data = prepare_institution(config, name, split_key=key)
+    model = build_model(config.model, input_dim=len(data.feature_names))
+    model.load_state_dict(torch.load(out / "institutions" / name / "kept-model.pt", weights_only=True))
+    return roc_auc(data.y_test, predict_logits(model, data.x_test).numpy())
 
 
 def test_per_round_records_and_artifacts(two_runs) -> None:
     out, summary, _, _ = two_runs
     records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert {(r["round"], r["phase"]) for r in records} == {(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")}
-    assert len(records) == 3 * 4
+    # Banks release evaluation statistics after the last round only (round 1's requests are withheld).
+    assert {(r["round"], r["phase"]) for r in records} == {(1, "train"), (2, "train"), (2, "evaluate")}
+    assert len(records) == 3 * 3
     epsilon_by_round = {(r["institution"], r["round"]): r["epsilon"] for r in records if r["phase"] == "train"}
     for name in summary["institutions"]:
         assert epsilon_by_round[(name, 2)] > epsilon_by_round[(name, 1)]
@@ -81,7 +107,10 @@ def _features() -> tuple[str, ...]:
 
 def test_same_seed_same_numbers(two_runs) -> None:
     first_dir, first, second_dir, second = two_runs
-    assert first["institutions"] == second["institutions"]
+    # Training is seeded; evaluation noise never is (it comes from the OS CSPRNG), so compare what is not noisy.
+    fixed = ("epsilon", "delta", "n_train", "model_round", "evaluated_round")
+    for name, metrics in first["institutions"].items():
+        assert {k: metrics[k] for k in fixed} == {k: second["institutions"][name][k] for k in fixed}
     config = default_config()
     hashes = [
         content_hash(load_encoder_checkpoint(d / "encoder.pt", model=config.model, feature_names=_features()))

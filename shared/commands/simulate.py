@@ -130,18 +130,33 @@ def check_output_dir(config: FedChurnConfig, *, overwrite: bool) -> None:
         )
 
 
+def _number(value: Any, width: int, digits: int = 3) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def _format_table(summary: dict[str, Any]) -> str:
+    """Last released metrics per bank, and the round, AUC and ECE of the model each bank keeps."""
+    if not summary["institutions"]:
+        return "No evaluation statistics left the institutions (evaluation off, or none allowed by their budgets)."
     header = (
-        f"{'institution':<22} {'n_train':>7} {'n_test':>6} {'AUC':>6} {'PR-AUC':>6} {'Brier':>6} {'acc':>6} {'ε':>7}"
+        f"{'institution':<22} {'n_train':>7} {'n_test':>6} {'AUC':>6} {'PR-AUC':>6} {'Brier':>6} {'ECE':>6} "
+        f"{'kept@':>5} {'AUC':>6} {'ECE':>6} {'ε':>7}"
     )
     lines = [header, "-" * len(header)]
     for name, m in summary["institutions"].items():
         epsilon = m["epsilon"]
         eps_text = "off" if epsilon is None else f"{epsilon:.3f}"
+        kept = m.get("model_round")
         lines.append(
-            f"{name[:22]:<22} {m['n_train']:>7d} {m['n_test']:>6d} {m['auc']:>6.3f} {m['pr_auc']:>6.3f} "
-            f"{m['brier']:>6.3f} {m['accuracy']:>6.3f} {eps_text:>7}"
+            f"{name[:22]:<22} {m['n_train']:>7d} {m['n_test']:>6d} {_number(m['auc'], 6)} {_number(m['pr_auc'], 6)} "
+            f"{_number(m['brier'], 6)} {_number(m.get('ece'), 6)} {'-' if kept is None else kept:>5} "
+            f"{_number(m.get('model_auc'), 6)} {_number(m.get('model_ece'), 6)} {eps_text:>7}"
         )
+    lines.append(
+        "Metrics come from DP-noised score histograms (n_test is noisy); ECE: expected calibration error of the "
+        "calibrated probabilities. kept@: the round of the model each bank keeps (best DP validation AUC), used by "
+        "'fedchurn predict'."
+    )
     return "\n".join(lines)
 
 
