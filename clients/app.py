@@ -1,7 +1,7 @@
 """Flower ClientApp: one institution. Translates messages to domain calls and back, nothing else.
 
-The reply carries the encoder arrays, whitelisted metrics and the institution's name — never the head,
-never rows of data.
+The reply carries the encoder arrays, whitelisted metrics, the institution's name and the bank's signature of
+its ledger record (``ledger``) — never the head, never rows of data.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.budget import BudgetDeclined
+from clients.budget import BudgetDeclined, store_countersignature
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
 from shared.config import FedChurnConfig, config_from_run_config
 from shared.decline import decline_content
+from shared.ledger_signing import COUNTERSIGNATURE_FIELD, WIRE_KEY
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -56,6 +57,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        if COUNTERSIGNATURE_FIELD in round_config:  # the server's countersignature of our last ledger record
+            store_countersignature(institution, round_config[COUNTERSIGNATURE_FIELD])
         try:
             result = train_round(
                 institution,
@@ -73,6 +76,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
                 **({ARRAYS_KEY: to_array_record(result.encoder)} if result.encoder else {}),
                 METRICS_KEY: whitelisted_metrics(result.metrics, TRAIN_METRICS),
                 IDENTITY_KEY: identity_record(institution.name),
+                # the bank's signature of this round's ledger record, for the server to countersign
+                **({WIRE_KEY: ConfigRecord(result.ledger.to_wire())} if result.ledger is not None else {}),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -80,6 +85,9 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        if COUNTERSIGNATURE_FIELD in round_config:  # this round's record, countersigned after the train replies
+            store_countersignature(institution, round_config[COUNTERSIGNATURE_FIELD])
         metrics = evaluate_round(
             institution,
             encoder=from_array_record(msg.content[ARRAYS_KEY]),  # type: ignore[arg-type]

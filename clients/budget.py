@@ -17,16 +17,24 @@ from typing import TYPE_CHECKING, Any
 from clients.state import InstitutionState
 from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from shared.errors import FedChurnError
-from shared.ledger import InstitutionLedger
+from shared.ledger import InstitutionLedger, SignedHash
+from shared.ledger_signing import (
+    BANK_KEY_FILE,
+    LedgerSigner,
+    load_or_create_signer,
+    load_signer,
+    parse_countersignature,
+)
 from shared.privacy import epsilon_of
 from shared.provenance import library_versions
+from shared.transfer import epochs_per_round
 
 if TYPE_CHECKING:  # clients.institution calls into this module
     from clients.institution import Institution
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BudgetDeclined", "check_budget", "record_round"]
+__all__ = ["BudgetDeclined", "bank_signer", "check_budget", "record_round", "store_countersignature"]
 
 
 class BudgetDeclined(FedChurnError):
@@ -94,11 +102,15 @@ def record_round(
     steps: int,
     dataset_size: int,
     epsilon: float,
-) -> None:
-    """Append this trained round to the institution's own ledger (``state_dir/ledger.sqlite``)."""
+) -> SignedHash | None:
+    """Append this trained round to the institution's own ledger (``state_dir/ledger.sqlite``), signed by the bank.
+
+    Returns the bank's signature of the record's hash: it goes to the server in the reply (``ledger`` record), which
+    countersigns it (shared/ledger_signing.py); None when nothing was recorded.
+    """
     privacy = institution.config.privacy
     if not privacy.enabled:
-        return  # no DP, no guarantee to account for
+        return None  # no DP, no guarantee to account for
     record: dict[str, Any] = {
         "kind": "train",
         "institution": institution.name,
@@ -115,10 +127,41 @@ def record_round(
         "sampling": "poisson",
         "accountant": state.accountant.accountant,
         "dataset_size": int(dataset_size),
+        # what ran, so that an audit can recompute q = 1/ceil(n/B) and the steps from n
+        "batch_size": int(institution.config.training.batch_size),
+        "epochs_per_round": int(epochs_per_round(institution.config)),
         "cumulative_steps": state.accountant.total_steps,
         "rounds_trained": state.rounds_trained,
         "epsilon": float(epsilon),
         "max_epsilon": institution.config.budget.epsilon_for(institution.name),
         "versions": library_versions(),
     }
-    InstitutionLedger.in_folder(institution.state_dir).append(record)
+    signer = bank_signer(institution)
+    entry = InstitutionLedger.in_folder(institution.state_dir).append(record, sign=signer.sign)
+    return signer.sign(entry.hash)  # ECDSA is randomised: an equally valid signature of the same hash
+
+
+def bank_signer(institution: Institution) -> LedgerSigner:
+    """The bank's ledger key: its SuperNode node key when given (node config ``ledger-key``), else its own."""
+    if institution.ledger_key is not None:
+        return load_signer(institution.ledger_key, "bank")
+    return load_or_create_signer(institution.state_dir / BANK_KEY_FILE, "bank")
+
+
+def store_countersignature(institution: Institution, text: Any) -> None:
+    """Keep the consortium's countersignature (round config ``ledger-countersignature``) beside its record.
+
+    The server's text is untrusted: it is verified and matched against this ledger's own hashes; anything else is
+    logged at the bank and ignored (never raised: a hostile server must not be able to stop a bank this way).
+    """
+    parsed = parse_countersignature(text)
+    if isinstance(parsed, str):
+        logger.warning("%s: ignoring a ledger countersignature: %s", institution.name, parsed)
+        return
+    try:
+        reason = InstitutionLedger.in_folder(institution.state_dir).add_countersignature(parsed)
+    except FedChurnError as exc:
+        logger.warning("%s: cannot store a ledger countersignature: %s", institution.name, exc)
+        return
+    if reason is not None:
+        logger.warning("%s: ignoring a ledger countersignature: %s", institution.name, reason)

@@ -28,6 +28,7 @@ from clients.transfer import train_round_phases
 from shared.config import FedChurnConfig, config_to_dict
 from shared.data import PreparedInstitution, derive_seed, institution_names, prepare_institution, resolve_schema
 from shared.errors import FedChurnError
+from shared.ledger import SignedHash
 from shared.model import ChurnModel, build_model, head_state, load_head_state
 from shared.privacy import check_delta, resolve_noise_multiplier, sample_rate_for
 from shared.sharing import load_shared_arrays, outgoing_arrays
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 NODE_INSTITUTION = "institution"
 NODE_DATA_PATH = "data-path"
 NODE_STATE_DIR = "state-dir"
+NODE_LEDGER_KEY = "ledger-key"  # optional: the SuperNode's node-auth private key signs its ledger records
 # Node-config keys Flower's simulation gives each virtual node.
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -49,6 +51,7 @@ class Institution:
     name: str
     config: FedChurnConfig  # the run's config, with the data section as this institution sees it
     state_dir: Path
+    ledger_key: Path | None = None  # None: a key generated once in state_dir (shared/ledger_signing.py)
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:
@@ -70,7 +73,13 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
             institutions=(),
         )
         state_dir = Path(str(node_config.get(NODE_STATE_DIR, Path("fedchurn-state") / name)))
-        return Institution(name=name, config=dataclasses.replace(config, data=data), state_dir=state_dir)
+        key = node_config.get(NODE_LEDGER_KEY)
+        return Institution(
+            name=name,
+            config=dataclasses.replace(config, data=data),
+            state_dir=state_dir,
+            ledger_key=Path(str(key)) if key else None,
+        )
     if NODE_PARTITION_ID in node_config:
         names = _institution_names(config)
         partition = int(node_config[NODE_PARTITION_ID])
@@ -147,6 +156,7 @@ def _build_model(institution: Institution, data: PreparedInstitution, state: Ins
 class TrainResult:
     encoder: dict[str, np.ndarray]
     metrics: dict[str, float]
+    ledger: SignedHash | None = None  # the bank's signature of this round's ledger record (sent to be countersigned)
 
 
 def train_round(
@@ -202,7 +212,7 @@ def train_round(
     state.rounds_trained += 1
     state.last_epsilon = report.epsilon
     store.save(state, context_state)
-    record_round(
+    signed = record_round(
         institution,
         state,
         run_id=config.federation.identity(run_id),
@@ -231,7 +241,7 @@ def train_round(
         "steps": float(report.steps),
         "total-steps": float(report.accountant.total_steps),
     }
-    return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics)
+    return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics, ledger=signed)
 
 
 def evaluate_round(

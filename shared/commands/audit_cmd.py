@@ -19,7 +19,15 @@ def register(commands: Any) -> None:
         "and with Google's dp-accounting, and write a report per institution (RUN_DIR/audit/). "
         "Exits 1 when any ledger was tampered with or any check fails.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a run")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the output folder of a run, or one bank's own folder (its ledger.sqlite)"
+    )
+    parser.add_argument(
+        "--consortium-key",
+        metavar="FINGERPRINT",
+        help="SHA-256 fingerprint of the consortium's ledger key, as the consortium publishes it: the countersignatures"
+        " in a bank's ledger must be by that key (needed to rule out a swapped key when auditing a bank folder alone)",
+    )
     parser.add_argument("--json", action="store_true", help="print the audit as JSON")
     parser.add_argument("--no-reports", action="store_true", help="check only; write no Markdown/PNG reports")
     parser.set_defaults(handler=run)
@@ -32,7 +40,7 @@ def _fmt(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from shared.audit import audit_run
 
-    audit = audit_run(Path(args.run_dir))
+    audit = audit_run(Path(args.run_dir), consortium_fingerprint=args.consortium_key)
     reports = []
     if not args.no_reports:
         from shared.audit_report import write_reports
@@ -51,8 +59,17 @@ def run(args: argparse.Namespace) -> int:
                     f"  {verdict} {inst.name:<22} ε {_fmt(inst.epsilon)} ({inst.accountant}), "
                     f"PLD {_fmt(inst.epsilon_pld)}, budget {_fmt(inst.max_epsilon)}, {len(inst.rounds)} rounds"
                 )
+            if inst.signatures:
+                sig = inst.signatures
+                print(
+                    f"       signed by the bank {sig['signed']}/{sig['records']}, countersigned by the consortium "
+                    f"{sig['countersigned']}/{sig['records']}; lifetime ε {_fmt(inst.lifetime_epsilon)} over "
+                    f"{inst.lifetime_runs} run(s)"
+                )
             for problem in inst.tampering + inst.findings:
                 print(f"       {problem}")
+            for note in inst.notes:
+                print(f"       note: {note}")
         for problem in audit.consortium_problems:
             print(f"  FAIL consortium: {problem}")
         if audit.institution_dp:
