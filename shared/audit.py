@@ -49,6 +49,7 @@ __all__ = [
     "SAME_ACCOUNTANT_RTOL",
     "InstitutionAudit",
     "RunAudit",
+    "add_empirical",
     "audit_run",
 ]
 
@@ -429,4 +430,36 @@ def _cross_check(
         if told is None or not _close(float(told), _float(own, "epsilon"), 1e-9):
             audit.findings.append(
                 f"round {server_round}: the consortium was told ε {told} but the ledger records {own.get('epsilon')}"
+            )
+
+
+def add_empirical(
+    audit: RunAudit,
+    *,
+    config_path: Path | None,
+    institutions: Sequence[str] | None,
+    canaries: int,
+    beta: float,
+) -> None:
+    """Run the empirical one-run audit (clients/empirical_run.py) for the audited banks; record it beside ε.
+
+    A lower bound above the ε the bank's accountant claims for the same canary run is a finding: the guarantee
+    does not hold as implemented.
+    """
+    from clients.empirical_run import run_empirical_audit
+
+    path = config_path or audit.run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FedChurnError(f"--empirical needs the run's config: {path} does not exist (give it with --config FILE)")
+    config = load_config(path)
+    wanted = set(institutions or [i.name for i in audit.institutions])
+    for inst in audit.institutions:
+        if inst.name not in wanted:
+            continue
+        result = run_empirical_audit(config, inst.name, canaries=canaries, beta=beta)
+        inst.empirical = result.to_dict()
+        if result.epsilon_lower_bound > result.claimed_epsilon:
+            inst.findings.append(
+                f"empirical ε lower bound {result.epsilon_lower_bound:.4g} exceeds the claimed ε "
+                f"{result.claimed_epsilon:.4g} at confidence {1 - beta:g}: the DP guarantee does not hold"
             )

@@ -42,12 +42,21 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _replace_one(epsilon: float | None, delta: float | None) -> str:
+    """Add/remove (ε, δ) as replace-one: one removal then one addition, group privacy of 2 (a safe upper bound)."""
+    if epsilon is None or delta is None or math.isinf(epsilon):
+        return "n/a"
+    return f"ε ≤ {_fmt(2 * epsilon)}, δ ≤ {_fmt((1 + math.exp(epsilon)) * delta)}"
+
+
 def _markdown(audit: RunAudit, inst: InstitutionAudit, png: Path | None) -> str:
     verdict = "PASSED" if inst.passed else "FAILED"
+    sig = inst.signatures
     lines = [
         f"# Privacy audit: {inst.name}",
         "",
-        f"Run folder `{audit.run_dir.name}`, run id {inst.run_id}. Verdict: **{verdict}**.",
+        f"Folder `{audit.run_dir.name}`, run {inst.run_id}. Verdict: **{verdict}**. One page for the privacy officer: "
+        "what is guaranteed, to whom, how it was checked, and what is not covered.",
         "",
     ]
     if inst.tampering:
@@ -55,23 +64,66 @@ def _markdown(audit: RunAudit, inst: InstitutionAudit, png: Path | None) -> str:
     if inst.findings:
         lines += ["## Findings", ""] + [f"- {p}" for p in inst.findings] + [""]
     lines += [
-        "## Customer-level guarantee (DP-SGD at this institution)",
+        "## The guarantee, exactly (DP-SGD at this bank)",
         "",
         "| | |",
         "|---|---|",
-        "| Privacy unit | one customer row of this institution (add/remove one row) |",
-        f"| ε (cumulative, all rounds of this run) | {_fmt(inst.epsilon)} |",
+        "| Privacy unit | one customer row of this bank's training rows |",
+        "| Adjacency | add/remove one row. The training-set size n is reported to the server with each update, so "
+        "for what the server sees the honest notion is replace-one: "
+        f"{_replace_one(inst.lifetime_epsilon or inst.epsilon, inst.delta)} (lifetime, group privacy of 2) |",
+        f"| ε this run | {_fmt(inst.epsilon)} |",
+        f"| ε lifetime (every run in this ledger on the same rows: {inst.lifetime_runs}) | "
+        f"{_fmt(inst.lifetime_epsilon)} |",
         f"| δ | {_fmt(inst.delta)} |",
-        f"| Accountant | {inst.accountant} (Opacus) |",
+        f"| Accountant | {inst.accountant} (Opacus); composition over every DP-SGD step of every round and run |",
         f"| Independent check: dp-accounting PLD | {_fmt(inst.epsilon_pld)} |",
         f"| Independent check: dp-accounting RDP | {_fmt(inst.epsilon_rdp_independent)} |",
         f"| Budget (max ε) | {_fmt(inst.max_epsilon)} |",
         f"| Budget remaining | {_fmt(inst.budget_remaining)} |",
         f"| Clipping norm | {_fmt(inst.clipping_norm)} |",
         f"| Training rows | {inst.dataset_size} |",
-        f"| Rounds trained | {len(inst.rounds)} |",
+        f"| Rounds trained (this run) | {len(inst.rounds)} |",
         "",
     ]
+    if inst.empirical:
+        emp = inst.empirical
+        lines += [
+            "## Empirical lower bound (measured, not assumed)",
+            "",
+            f"A canary run of this bank's own training code (Steinke, Nasr & Jagielski 2023, one training run): "
+            f"{emp['black_box']['m']} canaries, each included with probability 1/2 from a secure random source; "
+            f"{emp['black_box']['r']} guesses per attacker. With confidence {1 - emp['beta']:g}:",
+            "",
+            "| attacker | correct guesses | ε at least |",
+            "|---|---:|---:|",
+            f"| black-box (final model's loss) | {emp['black_box']['v']}/{emp['black_box']['r']} | "
+            f"{_fmt(emp['black_box_epsilon'])} |",
+            f"| white-box (the per-round updates the server sees) | {emp['white_box']['v']}/{emp['white_box']['r']} "
+            f"| {_fmt(emp['white_box_epsilon'])} |",
+            "",
+            f"Claimed ε for that canary run (its n, q = {emp['sample_rate']:.4g}, {emp['steps']} steps, "
+            f"σ = {emp['noise_multiplier']:g}): {_fmt(emp['claimed_epsilon'])}. A lower bound above it would mean the "
+            "guarantee does not hold as implemented; one far below it does not prove the guarantee (a one-run audit "
+            "is loose).",
+            "",
+        ]
+    if sig:
+        checked = sig.get("consortium_key_checked_against") or "nothing (give --consortium-key FINGERPRINT)"
+        lines += [
+            "## Signatures: who vouches for these records",
+            "",
+            f"- Signed by the bank: {sig['signed']}/{sig['records']} records (key fingerprint "
+            f"`{sig.get('bank_key_fingerprint')}`).",
+            f"- Countersigned by the consortium over the original record hash: {sig['countersigned']}/"
+            f"{sig['records']} (key fingerprint `{sig.get('consortium_key_fingerprint')}`, checked against "
+            f"{checked}); awaiting countersignature: {sig.get('pending_countersignature') or 'none'}.",
+            "- A rewrite by the bank alone cannot carry the consortium's countersignatures; one by the server alone "
+            "cannot carry the bank's signatures.",
+            "",
+        ]
+    if inst.notes:
+        lines += ["### Notes", ""] + [f"- {n}" for n in inst.notes] + [""]
     if inst.stopped:
         lines += [
             f"Stopped by its budget before round {inst.stopped.get('round')}: {inst.stopped.get('reason')}.",
@@ -95,22 +147,30 @@ def _markdown(audit: RunAudit, inst: InstitutionAudit, png: Path | None) -> str:
     if png is not None:
         lines += [f"![ε over rounds]({png.name})", ""]
     lines += [
-        "### Assumptions",
+        "### Covered",
         "",
-        "- Poisson sampling: every row joins every DP-SGD batch independently with probability q.",
-        "- Per-sample gradients clipped to the clipping norm; Gaussian noise σ × clipping norm on their sum.",
-        "- The noise is pseudo-random (Opacus secure_mode off): adequate for research, not a production claim.",
-        "- ε is per run: the rows' privacy spent in other runs on the same data composes on top of it.",
+        "- Every DP-SGD step on this bank's training rows, in every round of every run recorded in this ledger "
+        "(Poisson sampling with rate q, each row's gradient clipped to the clipping norm, Gaussian noise σ × norm).",
+        "- Preprocessing: features come from declared public bounds and category lists only, so one customer "
+        "changes only its own features (no scaling or imputation statistic of the rows).",
+        "- Everything computed afterwards from the trained encoder and head (post-processing).",
         "",
         "### Not covered",
         "",
-        "- Metrics sent to the server each round (AUC, loss, counts, ε itself) are not protected by DP; only "
-        "a fixed whitelist of them is sent.",
-        "- The row count of the institution (it weights the federated average) is disclosed.",
+        "- Metrics sent to the server (validation/test AUC, loss, counts, ε itself) unless released with DP; only a "
+        "fixed whitelist of them is sent.",
+        "- The training-set size n, sent with every update (hence the replace-one figure above).",
+        "- Which rows are training, validation and test rows (the split), and the validation/test rows themselves.",
+        "- Customers in several rows (the unit is a row, not a person), and correlations between customers.",
+        "- Noise the server could predict: the guarantee assumes the bank draws its noise and Poisson batches from "
+        "a secret source the server cannot know.",
         "",
         "### How this was checked",
         "",
-        f"- Hash chain of every ledger record verified ({len(inst.rounds)} records in this run).",
+        f"- Hash chain of every ledger record verified; bank signature and consortium countersignature of each "
+        f"({len(inst.rounds)} records in this run).",
+        "- Each record against what ran: DP-SGD with σ > 0 in every round; q = 1/ceil(n/B) and steps = epochs × "
+        "ceil(n/B) re-derived from the recorded n and batch size; the run's config when its folder holds it.",
         f"- ε recomposed from the recorded (σ, q, steps) with {inst.accountant}: equal to the recorded values "
         f"within a relative {SAME_ACCOUNTANT_RTOL:g}.",
         f"- Independent: not below dp-accounting PLD − {BELOW_PLD_TOLERANCE} (PLD is the tightest valid bound; "
@@ -132,6 +192,14 @@ def _markdown(audit: RunAudit, inst: InstitutionAudit, png: Path | None) -> str:
         ]
     if inst.versions:
         lines += ["### Library versions", ""] + [f"- {k}: {v}" for k, v in sorted(inst.versions.items())] + [""]
+    lines += [
+        "## Sign-off",
+        "",
+        "Reviewed by: ______________________   Role: ______________________   Date: ____________",
+        "",
+        "Signature: ______________________",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -291,3 +291,19 @@ def test_lifetime_epsilon_composes_every_run_on_the_same_rows() -> None:
     audit.findings.clear()
     lifetime_epsilon(records, audit)
     assert any("exceeds the budget" in f for f in audit.findings)
+
+
+def test_audit_empirical_puts_a_lower_bound_beside_the_claimed_epsilon(
+    signed_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = _copy(signed_run, tmp_path)
+    argv = ["audit", str(run_dir), "--empirical", "--institution", "bank-02", "--canaries", "100", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    by_name = {i["institution"]: i for i in result["institutions"]}
+    assert by_name["bank-01"]["empirical"] is None
+    empirical = by_name["bank-02"]["empirical"]
+    assert empirical["dp_enabled"] is True and empirical["beta"] == 0.05 and empirical["black_box"]["m"] == 100
+    assert 0.0 <= empirical["epsilon_lower_bound"] <= empirical["claimed_epsilon"]
+    report = (run_dir / "audit" / "bank-02.md").read_text()
+    assert "Empirical lower bound" in report and "Steinke" in report
