@@ -1,8 +1,11 @@
-"""What `fedchurn audit` writes for each institution's privacy officer: a Markdown report and a PNG of ε."""
+"""What `fedchurn audit` writes for each institution's privacy officer: a one-page report (Markdown and HTML) and a
+PNG of ε over rounds."""
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from pathlib import Path
 
 from shared.audit import (
@@ -29,8 +32,11 @@ def write_reports(audit: RunAudit, out_dir: Path | None = None) -> list[Path]:
         if institution.rounds:
             _plot(institution, png)
         md = folder / f"{institution.name}.md"
-        md.write_text(_markdown(audit, institution, png if institution.rounds else None), encoding="utf-8")
-        written.extend([md] + ([png] if institution.rounds else []))
+        text = _markdown(audit, institution, png if institution.rounds else None)
+        md.write_text(text, encoding="utf-8")
+        page = folder / f"{institution.name}.html"
+        page.write_text(_html(text, title=f"Privacy audit: {institution.name}"), encoding="utf-8")
+        written.extend([md, page] + ([png] if institution.rounds else []))
     return written
 
 
@@ -228,3 +234,56 @@ def _plot(inst: InstitutionAudit, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _html(markdown: str, *, title: str) -> str:
+    """The report's Markdown as a self-contained, printable HTML page (the subset the report uses)."""
+    body: list[str] = []
+    table: list[list[str]] = []
+    bullets: list[str] = []
+
+    def flush() -> None:
+        if table:
+            head, *rows = table
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            body.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append("</table>")
+            table.clear()
+        if bullets:
+            body.append("<ul>" + "".join(f"<li>{_inline(b)}</li>" for b in bullets) + "</ul>")
+            bullets.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):  # skip the |---| separator row
+                table.append(cells)
+            continue
+        if line.startswith("- "):
+            bullets.append(line[2:])
+            continue
+        flush()
+        heading = re.match(r"(#{1,3}) (.*)", line)
+        image = re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line)
+        if heading:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif image:
+            body.append(f'<img alt="{html.escape(image.group(1))}" src="{html.escape(image.group(2))}">')
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush()
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #999;padding:.2em .5em;text-align:left}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

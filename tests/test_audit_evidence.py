@@ -307,3 +307,16 @@ def test_audit_empirical_puts_a_lower_bound_beside_the_claimed_epsilon(
     assert 0.0 <= empirical["epsilon_lower_bound"] <= empirical["claimed_epsilon"]
     report = (run_dir / "audit" / "bank-02.md").read_text()
     assert "Empirical lower bound" in report and "Steinke" in report
+    for phrase in (
+        "one customer row",
+        "Adjacency",
+        "replace-one",
+        "ε lifetime",
+        "Not covered",
+        "Countersigned by the consortium over the original record hash: 3/3",
+        "Sign-off",
+    ):
+        assert phrase in report, phrase
+    page = (run_dir / "audit" / "bank-02.html").read_text()
+    assert page.startswith("<!doctype html>") and "<table>" in page and "<h2>Sign-off</h2>" in page
+    assert "**" not in page and "|---" not in page

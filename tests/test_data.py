@@ -284,7 +284,7 @@ def test_missing_policy_impute(tmp_path: Path) -> None:
     x = pre.transform(table)
     assert not np.isnan(x).any()
     assert x[1, 1] == 0.0  # blank balance: the midpoint of the declared [0, 1000], never a statistic of the rows
-    assert x[0, 1] == pytest.approx(2 * 100 / 1000 - 1)  # 100 on [0, 1000] -> -0.8
+    assert x[0, 1] == pytest.approx(2 * (2 * 100 / 1000 - 1))  # 100 on [0, 1000] -> -1.6
     assert x[3, 2:].tolist() == [0.0, 0.0]  # blank category: all-zero, not the most frequent value
 
 
@@ -474,8 +474,8 @@ def test_preprocessor_uses_declared_bounds_only() -> None:
     assert (pre.lows, pre.highs) == ((0.0, 5.0), (10.0, 9.0))
     x = pre.transform(_table([-3.0, 0.0, 2.5, 10.0, 100.0, math.nan], ["basic", "gold", None, "premium", "x", "gold"]))
     assert x.dtype == np.float32 and x.shape == (6, 5)
-    # age on [0, 10] -> [-1, 1], clipped outside: -3 -> -1, 2.5 -> -0.5, 100 -> 1, blank -> 0 (midpoint)
-    assert x[:, 0].tolist() == [-1.0, -1.0, -0.5, 1.0, 1.0, 0.0]
+    # age on [0, 10] -> [-2, 2], clipped outside: -3 -> -2, 2.5 -> -1, 100 -> 2, blank -> 0 (midpoint)
+    assert x[:, 0].tolist() == [-2.0, -2.0, -1.0, 2.0, 2.0, 0.0]
     assert x[:, 1].tolist() == [0.0] * 6  # 7 is the midpoint of [5, 9]
     # declared vocabulary order; blank and undeclared 'x' are all-zero
     assert x[:, 2:].tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1]]
@@ -692,8 +692,8 @@ def test_prepare_synthetic_institution() -> None:
         assert x.dtype == np.float32 and y.dtype == np.float32 and x.shape == (len(y), len(prepared.feature_names))
         assert set(np.unique(y).tolist()) == {0.0, 1.0}
     k = len(SYNTHETIC_SCHEMA.numeric)
-    assert np.abs(prepared.x_train[:, :k]).max() <= 1.0  # clipped to the declared bounds, scaled to [-1, 1]
-    assert np.abs(prepared.x_test[:, :k]).max() <= 1.0
+    assert np.abs(prepared.x_train[:, :k]).max() <= 2.0  # clipped to the declared bounds, scaled to [-2, 2]
+    assert np.abs(prepared.x_test[:, :k]).max() <= 2.0
     again = prepare_institution(config, "bank-06")
     np.testing.assert_array_equal(prepared.x_test, again.x_test)
     assert (prepared.missing_imputed, prepared.rows_dropped) == (0, 0)

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.app import make_client_app
 from server.app import initial_encoder
+from server.privacy_oversight import PrivacyOversight
+from server.strategy import Reply
 from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
 from shared.data import resolve_schema
 from shared.ledger import InstitutionLedger, SignedHash
@@ -175,3 +177,47 @@ def test_bank_signs_each_round_and_keeps_only_valid_countersignatures(
     stored = ledger.countersignatures()
     assert list(stored) == [1] and stored[1].public_key == server.public_key and verify(stored[1], "consortium")
     assert ledger.pinned_consortium_key() == server.public_key
+
+
+def _reply(name: str, node: int, ledger: dict | None) -> Reply:
+    from shared.wire import identity_record
+
+    content = RecordDict({"identity": identity_record(name), "metrics": MetricRecord({"num-examples": 10.0})})
+    if ledger is not None:
+        content["ledger"] = ConfigRecord(ledger)
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Reply(institution=name, metrics={"num-examples": 10.0}, message=Message(content=content, reply_to=sent))
+
+
+def test_server_countersigns_valid_records_and_refuses_hostile_ones(tmp_path: Path) -> None:
+    config = dataclasses.replace(_config(tmp_path), output_dir=str(tmp_path / "server"))
+    oversight = PrivacyOversight(config, tmp_path / "server", run_id=1)
+    bank = load_or_create_signer(tmp_path / "bank.pem", "bank")
+    other = load_or_create_signer(tmp_path / "other.pem", "bank")
+    good = bank.sign(HASH).to_wire()
+    replies = [
+        _reply("bank-01", 101, good),
+        _reply("bank-02", 102, {"record-hash": HASH, "signature": "AAAA", "public-key": "x" * 4000}),
+        _reply("bank-03", 103, None),
+    ]
+    oversight.on_train(1, replies, [])
+    # bank-01 then signs with another key: refused (a member is known by the key it first used).
+    oversight.on_train(2, [_reply("bank-01", 101, other.sign("cd" * 32).to_wire())], [])
+    records = [e.record for e in oversight.ledger.entries()]
+    first = {r["institution"]: r for r in records if r["round"] == 1}
+    assert first["bank-01"]["bank_ledger"] == good
+    counter = first["bank-01"]["consortium_countersignature"]
+    assert verify(SignedHash(counter["record-hash"], counter["signature"], counter["public-key"]), "consortium")
+    assert first["bank-02"]["bank_ledger"] is None and "x" * 20 not in first["bank-02"]["bank_ledger_problem"]
+    assert first["bank-03"]["bank_ledger_problem"] == "the reply carried no signed ledger record"
+    second = next(r for r in records if r["round"] == 2)
+    assert second["bank_ledger"] is None and "other than the one" in second["bank_ledger_problem"]
+
+    # The countersignature rides in that bank's next message only; the shared payload is not touched.
+    shared = RecordDict({"config": ConfigRecord({"server-round": 3})})
+    messages = [Message(content=shared, dst_node_id=n, message_type=MessageType.TRAIN) for n in (101, 102)]
+    out = oversight.with_countersignatures(messages)
+    text = out[0].content["config"][COUNTERSIGNATURE_FIELD]
+    assert isinstance(parse_countersignature(text), SignedHash) and json.loads(text)["record-hash"] == HASH
+    assert COUNTERSIGNATURE_FIELD not in out[1].content["config"] and COUNTERSIGNATURE_FIELD not in shared["config"]
+    assert out[0].content["config"]["server-round"] == 3 and out[0].metadata.dst_node_id == 101
