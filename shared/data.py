@@ -2,8 +2,8 @@
 
 Everything here works on ONE institution at a time: rows are never pooled across institutions. A table is
 checked strictly against the declared schema when it is read; every problem is a ``DataError`` that names the
-file, the 1-based line (the header is line 1) and the column. The preprocessor is fitted on one institution's
-training rows only, so validation and test rows never leak into the scaling or the imputation.
+file, the 1-based line (the header is line 1) and the column. The preprocessor reads no statistic of any rows: it
+clips, scales and imputes from the schema's declared bounds and category lists only.
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ def read_csv_table(
             logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
         else:
             logger.info(
-                "%s (%s): %d blank cell(s) will be imputed from training medians / most frequent values",
+                "%s (%s): %d blank cell(s) will be imputed with declared values (bounds midpoint, no category)",
                 name,
                 institution,
                 blank_cells,
