@@ -1,8 +1,9 @@
 """Flower ClientApp: one institution. Translates messages to domain calls and back, nothing else.
 
-The reply carries the encoder arrays, whitelisted metrics and the institution's name — never the head, never
-rows of data. Every exception is caught here: the reply then carries a code from the fixed list in
-``shared/decline.py`` and nothing else; the exception's text, paths and values go to the bank's own log only.
+The reply carries the encoder arrays, whitelisted metrics, the institution's name and the bank's signature of
+its ledger record (``ledger``) — never the head, never rows of data. Every exception is caught here: the reply
+then carries a code from the fixed list in ``shared/decline.py`` and nothing else; the exception's text, paths and
+values go to the bank's own log only.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.budget import BankDeclined
+from clients.budget import BankDeclined, store_countersignature
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
 from clients.private_evaluation import EvaluationWithheld
 from shared.config import FedChurnConfig, config_from_run_config
 from shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
 from shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
 from shared.ledger import LedgerError
+from shared.ledger_signing import COUNTERSIGNATURE_FIELD, WIRE_KEY
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -86,6 +88,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        if COUNTERSIGNATURE_FIELD in round_config:  # the server's countersignature of our last ledger record
+            store_countersignature(institution, round_config[COUNTERSIGNATURE_FIELD])
         try:
             result = train_round(
                 institution,
@@ -103,6 +107,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
                 **({ARRAYS_KEY: to_array_record(result.encoder)} if result.encoder else {}),
                 METRICS_KEY: whitelisted_metrics(result.metrics, TRAIN_METRICS),
                 IDENTITY_KEY: identity_record(institution.name),
+                # the bank's signature of this round's ledger record, for the server to countersign
+                **({WIRE_KEY: ConfigRecord(result.ledger.to_wire())} if result.ledger is not None else {}),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -110,6 +116,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         institution = _institution(context, run_config)
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        if COUNTERSIGNATURE_FIELD in round_config:  # this round's record, countersigned after the train replies
+            store_countersignature(institution, round_config[COUNTERSIGNATURE_FIELD])
         try:
             metrics = evaluate_round(
                 institution,

@@ -20,16 +20,33 @@ from typing import TYPE_CHECKING, Any
 
 from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from shared.errors import FedChurnError
-from shared.ledger import InstitutionLedger
+from shared.ledger import InstitutionLedger, SignedHash
+from shared.ledger_signing import (
+    BANK_KEY_FILE,
+    LedgerSigner,
+    load_or_create_signer,
+    load_signer,
+    parse_countersignature,
+)
 from shared.privacy import AccountantState, MechanismStep, epsilon_of
 from shared.provenance import library_versions
+from shared.transfer import epochs_per_round
 
 if TYPE_CHECKING:  # clients.institution calls into this module
     from clients.institution import Institution
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BankDeclined", "BudgetDeclined", "check_budget", "lifetime_cap", "lifetime_history", "record_round"]
+__all__ = [
+    "BankDeclined",
+    "BudgetDeclined",
+    "bank_signer",
+    "check_budget",
+    "lifetime_cap",
+    "lifetime_history",
+    "record_round",
+    "store_countersignature",
+]
 
 
 class BankDeclined(FedChurnError):
@@ -137,12 +154,13 @@ def record_round(
     cumulative_steps: int,
     rounds_trained: int,
     epsilon: float,
-) -> None:
-    """Append this trained round to the bank's own ledger (``state_dir/ledger.sqlite``).
+) -> SignedHash:
+    """Append this trained round to the bank's own ledger (``state_dir/ledger.sqlite``), signed by the bank.
 
-    A round without DP is recorded too, with noise multiplier 0: its rows have no finite ε from then on.
-    ``epsilon`` is the bank's lifetime ε on these rows after this round; ``cumulative_steps`` and
-    ``rounds_trained`` count this run's.
+    A round without DP is recorded too, with noise multiplier 0: its rows have no finite ε from then on (and an
+    audit of the bank's folder flags it). ``epsilon`` is the bank's lifetime ε on these rows after this round;
+    ``cumulative_steps`` and ``rounds_trained`` count this run's. Returns the bank's signature of the record's hash:
+    it goes to the server in the reply (``ledger`` record), which countersigns it (shared/ledger_signing.py).
     """
     privacy = institution.config.privacy
     record: dict[str, Any] = {
@@ -165,9 +183,40 @@ def record_round(
         "dataset_fingerprint": dataset_fingerprint,
         "cumulative_steps": int(cumulative_steps),
         "rounds_trained": int(rounds_trained),
+        # what ran, so that an audit can recompute q = 1/ceil(n/B) and the steps from n
+        "batch_size": int(institution.config.training.batch_size),
+        "epochs_per_round": int(epochs_per_round(institution.config)),
         "epsilon": float(epsilon),
         "epsilon_scope": "lifetime: every ledger record on rows with this dataset_fingerprint",
         "max_epsilon": lifetime_cap(institution),
         "versions": library_versions(),
     }
-    InstitutionLedger.in_folder(institution.state_dir).append(record)
+    signer = bank_signer(institution)
+    entry = InstitutionLedger.in_folder(institution.state_dir).append(record, sign=signer.sign)
+    return signer.sign(entry.hash)  # ECDSA is randomised: an equally valid signature of the same hash
+
+
+def bank_signer(institution: Institution) -> LedgerSigner:
+    """The bank's ledger key: its SuperNode node key when given (node config ``ledger-key``), else its own."""
+    if institution.ledger_key is not None:
+        return load_signer(institution.ledger_key, "bank")
+    return load_or_create_signer(institution.state_dir / BANK_KEY_FILE, "bank")
+
+
+def store_countersignature(institution: Institution, text: Any) -> None:
+    """Keep the consortium's countersignature (round config ``ledger-countersignature``) beside its record.
+
+    The server's text is untrusted: it is verified and matched against this ledger's own hashes; anything else is
+    logged at the bank and ignored (never raised: a hostile server must not be able to stop a bank this way).
+    """
+    parsed = parse_countersignature(text)
+    if isinstance(parsed, str):
+        logger.warning("%s: ignoring a ledger countersignature: %s", institution.name, parsed)
+        return
+    try:
+        reason = InstitutionLedger.in_folder(institution.state_dir).add_countersignature(parsed)
+    except FedChurnError as exc:
+        logger.warning("%s: cannot store a ledger countersignature: %s", institution.name, exc)
+        return
+    if reason is not None:
+        logger.warning("%s: ignoring a ledger countersignature: %s", institution.name, reason)

@@ -37,6 +37,7 @@ from shared.data import (
 )
 from shared.decline import BUDGET_EXHAUSTED, Decline
 from shared.errors import FedChurnError, PrivacyError
+from shared.ledger import SignedHash
 from shared.model import ChurnModel, build_model, head_state, load_head_state
 from shared.policy import (
     CONSERVATIVE_POLICY,
@@ -59,6 +60,7 @@ NODE_INSTITUTION = "institution"
 NODE_DATA_PATH = "data-path"
 NODE_STATE_DIR = "state-dir"
 NODE_POLICY = "policy"  # path of the bank's privacy policy (YAML); absent: the conservative built-in policy
+NODE_LEDGER_KEY = "ledger-key"  # optional: the SuperNode's node-auth private key signs its ledger records
 # Node-config keys Flower's simulation gives each virtual node.
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -71,6 +73,7 @@ class Institution:
     state_dir: Path
     real_bank: bool = False  # a real SuperNode (node config names the institution), not a simulated one
     policy: BankPolicy = CONSERVATIVE_POLICY  # the bank's own rules (shared/policy.py)
+    ledger_key: Path | None = None  # None: a key generated once in state_dir (shared/ledger_signing.py)
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:
@@ -92,12 +95,14 @@ def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) 
             institutions=(),
         )
         state_dir = Path(str(node_config.get(NODE_STATE_DIR, Path("fedchurn-state") / name)))
+        key = node_config.get(NODE_LEDGER_KEY)
         return Institution(
             name=name,
             config=dataclasses.replace(config, data=data),
             state_dir=state_dir,
             real_bank=True,
             policy=_real_bank_policy(name, node_config),
+            ledger_key=Path(str(key)) if key else None,
         )
     if NODE_PARTITION_ID in node_config:
         names = _institution_names(config)
@@ -229,6 +234,7 @@ def _seeds(institution: Institution, server_round: int) -> SeedSource:
 class TrainResult:
     encoder: dict[str, np.ndarray]
     metrics: dict[str, float]
+    ledger: SignedHash | None = None  # the bank's signature of this round's ledger record (sent to be countersigned)
 
 
 def train_round(
@@ -303,7 +309,7 @@ def train_round(
     state.rounds_trained += 1
     state.last_epsilon = report.epsilon
     store.save(state, context_state)
-    record_round(
+    signed = record_round(
         institution,
         run_id=config.federation.identity(run_id),
         server_round=server_round,
@@ -332,7 +338,7 @@ def train_round(
         "delta": report.delta,
         "noise-multiplier": report.noise_multiplier,
     }
-    return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics)
+    return TrainResult(encoder=outgoing_arrays(model, mode=config.transfer.mode), metrics=metrics, ledger=signed)
 
 
 def _check_policy(institution: Institution, server_round: int) -> None:

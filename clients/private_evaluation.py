@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from clients.budget import lifetime_cap, lifetime_history
+from clients.budget import bank_signer, lifetime_cap, lifetime_history
 from clients.evaluation import predict_logits
 from clients.state import InstitutionState, StateStore
 from shared.calibration import Calibrator, decile_thresholds, fit_platt_histogram
@@ -326,7 +326,7 @@ def _ledger_record(
         "max_epsilon": lifetime_cap(institution),
         "versions": library_versions(),
     }
-    InstitutionLedger.in_folder(institution.state_dir).append(record)
+    InstitutionLedger.in_folder(institution.state_dir).append(record, sign=bank_signer(institution).sign)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -8,6 +8,9 @@
 - it observes every accepted training reply and appends what each institution *reported* (its whitelisted
   numbers) to ``consortium_ledger.jsonl``, hash-chained like the institutions' own ledgers, so an audit can hold
   each institution's ledger against what the consortium was told;
+- it countersigns each bank's signed ledger-record hash (the reply's ``ledger`` record, shared/ledger_signing.py),
+  keeps the bank's signature with its own countersignature in the consortium ledger, and sends the countersignature
+  back to that bank in its next message (round config ``ledger-countersignature``);
 - when ``institution_dp.enabled``, it puts :class:`~server.institution_dp.InstitutionLevelDP` in the chain and
   accounts for that second guarantee.
 """
@@ -22,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -30,8 +33,15 @@ from server.institution_dp import InstitutionLevelDP, Release, gaussian_composit
 from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
 from shared.config import FedChurnConfig
 from shared.decline import EVALUATION_WITHHELD, Decline, is_decline, read_decline
-from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
-from shared.wire import WEIGHT_KEY
+from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, SignedHash
+from shared.ledger_signing import (
+    CONSORTIUM_KEY_FILE,
+    COUNTERSIGNATURE_FIELD,
+    WIRE_KEY,
+    load_or_create_signer,
+    parse_wire,
+)
+from shared.wire import CONFIG_KEY, WEIGHT_KEY
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
@@ -60,7 +70,7 @@ class DeclineScreen(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        return self.oversight.with_countersignatures(self.strategy.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -87,7 +97,8 @@ class DeclineScreen(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self.oversight.with_countersignatures(messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         others: list[Message] = []
@@ -135,6 +146,14 @@ class PrivacyOversight:
         self.withheld: dict[str, list[int]] = {}  # institution -> rounds it released no evaluation
         self._weights: dict[int, list[float]] = {}
         self._forward: RoundObserver | None = None
+        # Ledger countersigning (shared/ledger_signing.py): the consortium key lives in the server's output folder.
+        self.signer = load_or_create_signer(output_dir / CONSORTIUM_KEY_FILE, "consortium")
+        self.bank_keys: dict[str, str] = {}  # institution -> the ledger key first seen from it (pinned)
+        for entry in self.ledger.entries() if resuming else []:
+            bank = entry.record.get("bank_ledger")
+            if isinstance(bank, dict) and isinstance(bank.get("public-key"), str):
+                self.bank_keys.setdefault(str(entry.record.get("institution")), bank["public-key"])
+        self._pending: dict[int, SignedHash] = {}  # node id -> countersignature to send in its next message
 
     def wrap(self, strategy: EncoderAggregation) -> Strategy:
         """The strategy to run: declines screened, replies observed here, institution-level DP when configured."""
@@ -156,13 +175,62 @@ class PrivacyOversight:
     def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
         self._weights[server_round] = [reply.metrics[WEIGHT_KEY] for reply in accepted]
         for reply in accepted:
-            self._append({"kind": "train", "round": server_round, "institution": reply.institution, **reply.metrics})
+            record = {"kind": "train", "round": server_round, "institution": reply.institution, **reply.metrics}
+            self._append({**record, **self._countersign(reply)})
         if self._forward is not None:
             self._forward.on_train(server_round, accepted, dropped)
 
     def on_evaluate(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
         if self._forward is not None:
             self._forward.on_evaluate(server_round, accepted, dropped)
+
+    # --- ledger countersignatures ----------------------------------------------------------------
+
+    def _countersign(self, reply: Reply) -> dict[str, Any]:
+        """Fields for the consortium record: the bank's signed hash and our countersignature, or why there is none.
+
+        The ``ledger`` record is hostile input: it is verified (bounded fields, the signature against the key) and
+        the key must be the one this institution used before; otherwise nothing is countersigned and the reason (a
+        fixed text) is recorded.
+        """
+        content = reply.message.content
+        if WIRE_KEY not in content.config_records:
+            return {"bank_ledger": None, "bank_ledger_problem": "the reply carried no signed ledger record"}
+        parsed = parse_wire(dict(content.config_records[WIRE_KEY]), "bank")
+        if not isinstance(parsed, str):
+            pinned = self.bank_keys.setdefault(reply.institution, parsed.public_key)
+            if pinned != parsed.public_key:
+                parsed = "signed with a key other than the one this institution signed with before"
+        if isinstance(parsed, str):
+            logger.warning("%s: not countersigning its ledger record: %s", reply.institution, parsed)
+            return {"bank_ledger": None, "bank_ledger_problem": parsed}
+        countersignature = self.signer.sign(parsed.record_hash)
+        self._pending[reply.message.metadata.src_node_id] = countersignature
+        return {"bank_ledger": parsed.to_wire(), "consortium_countersignature": countersignature.to_wire()}
+
+    def with_countersignatures(self, messages: Iterable[Message]) -> list[Message]:
+        """The messages, each bank's carrying our countersignature of its last ledger record in its round config.
+
+        Flower's strategies send one shared RecordDict to every node: a message that gains a field gets its own copy.
+        """
+        out: list[Message] = []
+        for message in messages:
+            pending = self._pending.get(message.metadata.dst_node_id)
+            if pending is None or CONFIG_KEY not in message.content.config_records:
+                out.append(message)
+                continue
+            content = RecordDict(dict(message.content.items()))
+            config = dict(message.content.config_records[CONFIG_KEY])
+            content[CONFIG_KEY] = ConfigRecord({**config, COUNTERSIGNATURE_FIELD: pending.to_text()})
+            out.append(
+                Message(
+                    content=content,
+                    dst_node_id=message.metadata.dst_node_id,
+                    message_type=message.metadata.message_type,
+                    group_id=message.metadata.group_id or None,
+                )
+            )
+        return out
 
     # --- declines and releases -------------------------------------------------------------------
 

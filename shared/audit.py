@@ -13,7 +13,15 @@ For every institution folder ``RUN_DIR/institutions/NAME`` holding a ``ledger.sq
    not plausible for either Opacus accountant);
 4. the ledger is held against what the institution's state (``privacy.json``) and the consortium
    (``consortium_ledger.jsonl``) say it trained, which catches records removed from the end of the chain;
-5. the final ε must be within the budget the institution recorded.
+5. the final ε must be within the budget the institution recorded;
+6. signatures and cross-anchors (``shared/audit_evidence``): every record signed by the bank and countersigned
+   by the consortium over its original hash, so a consistent re-chaining by one party alone fails;
+7. the records against what ran (``shared/audit_evidence``): DP-SGD with σ > 0 in every round, q and steps
+   re-derived from the recorded n, B and epochs, the run's ``config.yaml``, and the lifetime ε over every run on
+   the same rows.
+
+``audit_run`` takes a run folder, or one bank's folder alone (its ``ledger.sqlite`` and state, no server files):
+then the consortium key is checked against a published fingerprint when one is given.
 
 Institution-level DP (when the run used it) is recomposed from the consortium ledger with dp-accounting's PLD.
 """
@@ -27,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.audit_evidence import check_signatures, check_what_ran, consortium_public_key, lifetime_epsilon
+from shared.config import FedChurnConfig, load_config
 from shared.errors import FedChurnError
 from shared.independent_accounting import gaussian_epsilon, pld_epsilon, rdp_epsilon
 from shared.ledger import CONSORTIUM_LEDGER_FILE, LEDGER_FILE, ChainEntry, InstitutionLedger, JsonlChain, LedgerError
@@ -39,6 +49,7 @@ __all__ = [
     "SAME_ACCOUNTANT_RTOL",
     "InstitutionAudit",
     "RunAudit",
+    "add_empirical",
     "audit_run",
 ]
 
@@ -50,6 +61,7 @@ INSTITUTION_DP_TOLERANCE = 0.02  # exact GDP (server) vs pessimistic PLD (audit)
 
 STATE_FILE = "privacy.json"  # written by clients/state.py
 SUMMARY_FILE = "summary.json"
+RUN_CONFIG_FILE = "config.yaml"  # written by the server (server/app.py)
 
 
 @dataclass
@@ -80,6 +92,11 @@ class InstitutionAudit:
     epsilon_rdp_independent: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
     stopped: dict[str, Any] | None = None  # the consortium's record of its first decline
+    notes: list[str] = field(default_factory=list)  # what could not be checked, and why (not failures)
+    signatures: dict[str, Any] = field(default_factory=dict)  # counts and key fingerprints (audit_evidence)
+    lifetime_epsilon: float | None = None  # over every run in the ledger on the same rows
+    lifetime_runs: int = 0
+    empirical: dict[str, Any] | None = None  # `fedchurn audit --empirical` (shared/empirical_audit.py)
 
     @property
     def passed(self) -> bool:
@@ -107,6 +124,11 @@ class InstitutionAudit:
             "budget_remaining": self.budget_remaining,
             "rounds": [r.__dict__ for r in self.rounds],
             "stopped": self.stopped,
+            "notes": self.notes,
+            "signatures": self.signatures,
+            "lifetime_epsilon": self.lifetime_epsilon,
+            "lifetime_runs": self.lifetime_runs,
+            "empirical": self.empirical,
         }
 
 
@@ -163,9 +185,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def audit_run(run_dir: Path) -> RunAudit:
-    """Audit every institution ledger under ``run_dir/institutions`` (see the module docstring)."""
+def audit_run(run_dir: Path, *, consortium_fingerprint: str | None = None) -> RunAudit:
+    """Audit every institution ledger under ``run_dir/institutions``, or one bank's folder alone (module doc)."""
     run_dir = Path(run_dir)
+    if (run_dir / LEDGER_FILE).is_file():  # a bank's own folder: no server files, no summary
+        audit = _audit_institution(
+            run_dir, None, [], None, consortium_key=None, consortium_fingerprint=consortium_fingerprint, config=None
+        )
+        return RunAudit(run_dir=run_dir, run_id=audit.run_id, institutions=[audit])
     folders = sorted(p.parent for p in (run_dir / "institutions").glob(f"*/{LEDGER_FILE}"))
     if not folders:
         raise FedChurnError(
@@ -177,7 +204,20 @@ def audit_run(run_dir: Path) -> RunAudit:
     run_id = summary.get("run_id") if isinstance(summary.get("run_id"), (int, str)) else None
     consortium, consortium_problems = _consortium(run_dir, run_id)
     stopped = (summary.get("budget") or {}).get("stopped") or {}
-    audits = [_audit_institution(folder, run_id, consortium, stopped.get(folder.name)) for folder in folders]
+    consortium_key = consortium_public_key(run_dir, consortium)
+    config = _run_config(run_dir, consortium_problems)
+    audits = [
+        _audit_institution(
+            folder,
+            run_id,
+            consortium,
+            stopped.get(folder.name),
+            consortium_key=consortium_key,
+            consortium_fingerprint=consortium_fingerprint,
+            config=config,
+        )
+        for folder in folders
+    ]
     return RunAudit(
         run_dir=run_dir,
         run_id=run_id,
@@ -185,6 +225,18 @@ def audit_run(run_dir: Path) -> RunAudit:
         consortium_problems=consortium_problems,
         institution_dp=_institution_dp(consortium, consortium_problems),
     )
+
+
+def _run_config(run_dir: Path, problems: list[str]) -> FedChurnConfig | None:
+    """The config the run was started with (``config.yaml``, written by the server), if the folder has it."""
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except FedChurnError as exc:
+        problems.append(f"{RUN_CONFIG_FILE} cannot be read: {exc}")
+        return None
 
 
 def _consortium(run_dir: Path, run_id: int | str | None) -> tuple[list[dict[str, Any]], list[str]]:
@@ -228,7 +280,14 @@ def _institution_dp(consortium: list[dict[str, Any]], problems: list[str]) -> di
 
 
 def _audit_institution(
-    folder: Path, run_id: int | str | None, consortium: list[dict[str, Any]], stopped: dict[str, Any] | None
+    folder: Path,
+    run_id: int | str | None,
+    consortium: list[dict[str, Any]],
+    stopped: dict[str, Any] | None,
+    *,
+    consortium_key: str | None,
+    consortium_fingerprint: str | None,
+    config: FedChurnConfig | None,
 ) -> InstitutionAudit:
     ledger = InstitutionLedger.in_folder(folder)
     audit = InstitutionAudit(name=folder.name, ledger=ledger.path, stopped=stopped)
@@ -238,7 +297,16 @@ def _audit_institution(
         audit.tampering.append(str(exc))
         return audit
     audit.tampering = [str(p) for p in ledger.verify()]
+    check_signatures(
+        folder,
+        entries,
+        audit,
+        consortium=consortium,
+        consortium_key=consortium_key,
+        consortium_fingerprint=consortium_fingerprint,
+    )
     records = _records(entries, audit)
+    every_run = list(records)
     if audit.tampering or not records:
         if not records and not audit.tampering:
             audit.findings.append("the ledger holds no records")
@@ -255,6 +323,8 @@ def _audit_institution(
         audit.findings.append(str(exc))
         return audit
     _cross_check(folder, records, consortium, audit)
+    check_what_ran(records, audit, config)
+    lifetime_epsilon(every_run, audit)
     return audit
 
 
@@ -363,4 +433,36 @@ def _cross_check(
         if told is None or not _close(float(told), _float(own, "epsilon"), 1e-9):
             audit.findings.append(
                 f"round {server_round}: the consortium was told ε {told} but the ledger records {own.get('epsilon')}"
+            )
+
+
+def add_empirical(
+    audit: RunAudit,
+    *,
+    config_path: Path | None,
+    institutions: Sequence[str] | None,
+    canaries: int,
+    beta: float,
+) -> None:
+    """Run the empirical one-run audit (clients/empirical_run.py) for the audited banks; record it beside ε.
+
+    A lower bound above the ε the bank's accountant claims for the same canary run is a finding: the guarantee
+    does not hold as implemented.
+    """
+    from clients.empirical_run import run_empirical_audit
+
+    path = config_path or audit.run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FedChurnError(f"--empirical needs the run's config: {path} does not exist (give it with --config FILE)")
+    config = load_config(path)
+    wanted = set(institutions or [i.name for i in audit.institutions])
+    for inst in audit.institutions:
+        if inst.name not in wanted:
+            continue
+        result = run_empirical_audit(config, inst.name, canaries=canaries, beta=beta)
+        inst.empirical = result.to_dict()
+        if result.epsilon_lower_bound > result.claimed_epsilon:
+            inst.findings.append(
+                f"empirical ε lower bound {result.epsilon_lower_bound:.4g} exceeds the claimed ε "
+                f"{result.claimed_epsilon:.4g} at confidence {1 - beta:g}: the DP guarantee does not hold"
             )

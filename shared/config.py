@@ -36,6 +36,7 @@ class SchemaConfig:
     numeric: tuple[str, ...] = ()
     categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)  # column -> allowed values
     drop: tuple[str, ...] = ()  # identifiers, leaky columns: ignored if present
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # numeric column -> declared [low, high]; values are clipped to it  # noqa: E501  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(bool(self.label), "data.schema.label", self.label, "must name the churn column")
@@ -62,6 +63,12 @@ class SchemaConfig:
         for name in self.drop:
             if name in seen or name == self.label:
                 raise ConfigError("data.schema.drop", name, "a dropped column cannot also be label or feature")
+        for name, bound in self.bounds.items():  # declared, public ranges: preprocessing never reads them from rows
+            key = f"data.schema.bounds.{name}"
+            if name not in self.numeric:
+                raise ConfigError(key, list(bound), "bounds are for numeric columns only", "list it under numeric")
+            if len(bound) != 2 or not all(math.isfinite(v) for v in bound) or not bound[0] < bound[1]:
+                raise ConfigError(key, list(bound), "must be [low, high] with finite low < high")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -737,6 +744,7 @@ def _is_free_mapping(section: list[str]) -> bool:
     return section in (
         ["data", "institution_files"],
         ["data", "schema", "categorical"],
+        ["data", "schema", "bounds"],
         ["budget", "institution_epsilon"],
         ["policy", "institutions"],
     )
@@ -817,7 +825,7 @@ data:
     churn_rate_min: 0.12
     churn_rate_max: 0.30
     feature_shift: 0.5       # how different the banks' customers are (feature SDs)
-  missing_values: impute     # blank cells: error | drop | impute (median / most frequent, from train rows)
+  missing_values: impute     # blank cells: error | drop | impute (declared values: bounds midpoint, no category)
   validation_fraction: 0.15
   test_fraction: 0.2
 model:

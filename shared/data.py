@@ -2,8 +2,8 @@
 
 Everything here works on ONE institution at a time: rows are never pooled across institutions. A table is
 checked strictly against the declared schema when it is read; every problem is a ``DataError`` that names the
-file, the 1-based line (the header is line 1) and the column. The preprocessor is fitted on one institution's
-training rows only, so validation and test rows never leak into the scaling or the imputation.
+file, the 1-based line (the header is line 1) and the column. The preprocessor reads no statistic of any rows: it
+clips, scales and imputes from the schema's declared bounds and category lists only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import io
 import logging
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,10 +62,26 @@ SYNTHETIC_SCHEMA = SchemaConfig(
         "is_active_member": ("yes", "no"),
         "has_mortgage": ("yes", "no"),
     },
+    bounds={  # public, declared ranges (what a bank's data dictionary would state), not the rows' min/max: about
+        # the 1st-99th percentiles of the (public) generator, so that clipping touches few customers
+        "age": (18.0, 75.0),
+        "tenure_months": (0.0, 360.0),
+        "balance": (0.0, 100_000.0),
+        "credit_score": (400.0, 850.0),
+        "estimated_salary": (10_000.0, 110_000.0),
+        "num_products": (1.0, 4.0),
+        "transactions_last_quarter": (0.0, 90.0),
+        "complaints_last_year": (0.0, 3.0),
+        "days_since_last_login": (0.0, 60.0),
+        "credit_limit_utilisation": (0.0, 1.0),
+    },
 )
 
+# A declared range maps onto [-2, 2]: about the spread standardised features had (±2 sd holds ~95% of a column),
+# which the default learning rate and clipping norm were tuned for.
+SCALED_HALF_WIDTH = 2.0
 _PREPROCESSOR_FORMAT = "fedchurn-preprocessor"
-_PREPROCESSOR_VERSION = 1
+_PREPROCESSOR_VERSION = 2  # 2: declared bounds only (1 fitted means/stds/medians/modes on the rows)
 _MIN_PER_CLASS = 3  # one positive and one negative in each of train, validation and test
 
 
@@ -549,7 +564,7 @@ def read_csv_table(
             logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
         else:
             logger.info(
-                "%s (%s): %d blank cell(s) will be imputed from training medians / most frequent values",
+                "%s (%s): %d blank cell(s) will be imputed with declared values (bounds midpoint, no category)",
                 name,
                 institution,
                 blank_cells,
@@ -904,57 +919,51 @@ def split_institution(table: RawTable, *, validation_fraction: float, test_fract
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Scaling, imputation and one-hot encoding, fitted on one institution's training rows only."""
+    """Clipping, scaling, imputation and one-hot encoding from the DECLARED schema only.
+
+    Nothing here is computed from a bank's rows: each numeric column is clipped to its declared public bounds
+    ``data.schema.bounds`` and mapped linearly onto [-2, 2]; a blank numeric cell becomes 0 (the midpoint of the
+    bounds); categories use the declared vocabulary, and a blank or undeclared value is all-zero. So one customer's
+    row changes only that customer's features, never another's, which is what the DP-SGD sensitivity (one
+    clipped per-customer gradient, norm <= C) assumes for the whole pipeline.
+    """
 
     schema: SchemaConfig
-    means: tuple[float, ...]
-    stds: tuple[float, ...]  # population standard deviation (ddof=0); 1.0 where it was 0
-    medians: tuple[float, ...]  # fill values for blank numeric cells
-    modes: tuple[str, ...]  # fill values for blank categorical cells
+    lows: tuple[float, ...]  # declared bounds, in schema.numeric order
+    highs: tuple[float, ...]
+
+    @classmethod
+    def from_schema(cls, schema: SchemaConfig) -> Preprocessor:
+        """The preprocessor a schema declares; a numeric column without bounds is a ConfigError naming it."""
+        missing = [c for c in schema.numeric if c not in schema.bounds]
+        if missing:
+            raise ConfigError(
+                f"data.schema.bounds.{missing[0]}",
+                None,
+                f"numeric column(s) {', '.join(missing)} have no declared bounds; scaling from a bank's own rows "
+                "would let one customer change every other customer's features, outside the accounted ε",
+                f"declare a public value range, e.g. data.schema.bounds: {{{missing[0]}: [low, high]}} (values "
+                "outside it are clipped), or infer the schema with 'fedchurn simulate --data'",
+            )
+        lows = tuple(float(schema.bounds[c][0]) for c in schema.numeric)
+        highs = tuple(float(schema.bounds[c][1]) for c in schema.numeric)
+        return cls(schema, lows, highs)
 
     @classmethod
     def fit(cls, train: RawTable) -> Preprocessor:
-        schema = train.schema
-        means: list[float] = []
-        stds: list[float] = []
-        medians: list[float] = []
-        for j, column in enumerate(schema.numeric):
-            values = train.numeric[:, j]
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                raise DataError(
-                    f"every training row of institution {train.institution!r} is blank in this column: "
-                    "nothing to impute from",
-                    path=train.source,
-                    column=column,
-                    fix="fill the column, or remove it from data.schema.numeric",
-                )
-            std = float(values.std())
-            means.append(float(values.mean()))
-            stds.append(std if std > 0.0 and math.isfinite(std) else 1.0)  # a constant column: centre only
-            medians.append(float(np.median(values)))
-        modes: list[str] = []
-        for j, (column, categories) in enumerate(schema.categorical.items()):
-            counts = Counter(v for v in train.categorical[:, j] if v is not None)
-            if not counts:
-                raise DataError(
-                    f"every training row of institution {train.institution!r} is blank in this column: "
-                    "nothing to impute from",
-                    path=train.source,
-                    column=column,
-                    fix="fill the column, or remove it from data.schema.categorical",
-                )
-            best = max(counts.values())
-            modes.append(next(c for c in categories if counts.get(c, 0) == best))  # ties: declared order
-        return cls(schema, tuple(means), tuple(stds), tuple(medians), tuple(modes))
+        """Same as ``from_schema(train.schema)``: the rows are deliberately not read (kept for callers)."""
+        return cls.from_schema(train.schema)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return self.schema.feature_names
 
     def transform(self, table: RawTable) -> np.ndarray:
-        """float32 (n, len(feature_names)): standardised numeric columns, then one-hot categories."""
-        if table.schema != self.schema:
+        """float32 (n, len(feature_names)): numeric columns clipped and scaled to [-2, 2], then one-hot categories.
+
+        Row-wise: each output row depends on its own input row and the declared schema only.
+        """
+        if table.schema.numeric != self.schema.numeric or table.schema.categorical != self.schema.categorical:
             raise DataError(
                 f"table of institution {table.institution!r} follows a different schema than the preprocessor",
                 path=table.source,
@@ -963,23 +972,17 @@ class Preprocessor:
         out = np.zeros((n, len(self.schema.feature_names)), dtype=np.float32)
         k = len(self.schema.numeric)
         if k:
-            numeric = np.where(np.isnan(table.numeric), np.asarray(self.medians), table.numeric)
-            out[:, :k] = (numeric - np.asarray(self.means)) / np.asarray(self.stds)
+            low, high = np.asarray(self.lows), np.asarray(self.highs)
+            clipped = np.clip(table.numeric, low, high)  # NaN stays NaN
+            scaled = SCALED_HALF_WIDTH * (2.0 * (clipped - low) / (high - low) - 1.0)
+            out[:, :k] = np.where(np.isnan(scaled), 0.0, scaled)  # blank: the midpoint of the declared bounds
         offset = k
-        rows = np.arange(n)
-        for j, (column, categories) in enumerate(self.schema.categorical.items()):
+        for j, categories in enumerate(self.schema.categorical.values()):
             position = {c: i for i, c in enumerate(categories)}
-            try:
-                codes = np.fromiter(
-                    (position[self.modes[j] if v is None else v] for v in table.categorical[:, j]),
-                    dtype=np.int64,
-                    count=n,
-                )
-            except KeyError as exc:
-                raise DataError(
-                    f"{exc.args[0]!r} is not a declared category", path=table.source, column=column
-                ) from None
-            out[rows, offset + codes] = 1.0
+            for r, value in enumerate(table.categorical[:, j]):
+                code = position.get(value) if value is not None else None
+                if code is not None:  # blank or undeclared: all-zero (never a learned vocabulary)
+                    out[r, offset + code] = 1.0
             offset += len(categories)
         return out
 
@@ -994,11 +997,8 @@ class Preprocessor:
                 "numeric": list(self.schema.numeric),
                 "categorical": {k: list(v) for k, v in self.schema.categorical.items()},
                 "drop": list(self.schema.drop),
+                "bounds": {k: list(v) for k, v in self.schema.bounds.items()},
             },
-            "means": list(self.means),
-            "stds": list(self.stds),
-            "medians": list(self.medians),
-            "modes": list(self.modes),
         }
 
     @classmethod
@@ -1010,7 +1010,7 @@ class Preprocessor:
 
         if not isinstance(d, Mapping):
             raise bad("(top level)", f"must be a mapping, got {type(d).__name__}")
-        expected = {"format", "version", "schema", "means", "stds", "medians", "modes"}
+        expected = {"format", "version", "schema"}
         missing = sorted(expected - set(d))
         if missing:
             raise bad(missing[0], "is missing")
@@ -1020,32 +1020,15 @@ class Preprocessor:
         if d["format"] != _PREPROCESSOR_FORMAT:
             raise bad("format", f"must be {_PREPROCESSOR_FORMAT!r}, got {d['format']!r}")
         if d["version"] != _PREPROCESSOR_VERSION:
-            raise bad("version", f"must be {_PREPROCESSOR_VERSION}, got {d['version']!r}")
+            raise DataError(
+                f"saved preprocessor: version {d['version']!r} is not {_PREPROCESSOR_VERSION}",
+                fix="version 1 scaled with statistics of the bank's rows; retrain the run with this release",
+            )
         schema = _schema_from_dict(d["schema"], bad)
-        k = len(schema.numeric)
-        means = _finite_floats(d["means"], k, "means", bad)
-        stds = _finite_floats(d["stds"], k, "stds", bad)
-        if any(s <= 0.0 for s in stds):
-            raise bad("stds", "must hold positive numbers")
-        medians = _finite_floats(d["medians"], k, "medians", bad)
-        modes = d["modes"]
-        if not isinstance(modes, list) or len(modes) != len(schema.categorical):
-            raise bad("modes", f"must be a list of {len(schema.categorical)} category values")
-        for mode, (column, categories) in zip(modes, schema.categorical.items(), strict=True):
-            if mode not in categories:
-                raise bad("modes", f"holds {mode!r}, not a declared category of {column!r}")
-        return cls(schema, means, stds, medians, tuple(modes))
-
-
-def _finite_floats(value: Any, k: int, key: str, bad: Any) -> tuple[float, ...]:
-    if not isinstance(value, list) or len(value) != k:
-        raise bad(key, f"must be a list of {k} numbers")
-    out: list[float] = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise bad(key, f"holds {v!r}, not a finite number")
-        out.append(float(v))
-    return tuple(out)
+        try:
+            return cls.from_schema(schema)
+        except ConfigError as exc:
+            raise bad("schema.bounds", f"is incomplete: {exc}") from None
 
 
 def _schema_from_dict(value: Any, bad: Any) -> SchemaConfig:
@@ -1054,6 +1037,7 @@ def _schema_from_dict(value: Any, bad: Any) -> SchemaConfig:
     try:
         label, positive = value["label"], value["positive"]
         numeric, categorical, drop = value["numeric"], value["categorical"], value["drop"]
+        bounds = value["bounds"]
     except KeyError as exc:
         raise bad(f"schema.{exc.args[0]}", "is missing") from None
     if not isinstance(label, str) or not (positive is None or isinstance(positive, str)):
@@ -1065,6 +1049,10 @@ def _schema_from_dict(value: Any, bad: Any) -> SchemaConfig:
         isinstance(v, list) and all(isinstance(s, str) for s in v) for v in categorical.values()
     ):
         raise bad("schema.categorical", "must map column names to lists of category values")
+    if not isinstance(bounds, Mapping) or not all(
+        isinstance(v, list) and len(v) == 2 and all(_is_plain_number(x) for x in v) for v in bounds.values()
+    ):
+        raise bad("schema.bounds", "must map numeric column names to [low, high]")
     try:
         return SchemaConfig(
             label=label,
@@ -1072,9 +1060,14 @@ def _schema_from_dict(value: Any, bad: Any) -> SchemaConfig:
             numeric=tuple(numeric),
             categorical={str(k): tuple(v) for k, v in categorical.items()},
             drop=tuple(drop),
+            bounds={str(k): (float(v[0]), float(v[1])) for k, v in bounds.items()},
         )
     except ConfigError as exc:
         raise bad("schema", f"is not a valid schema: {exc}") from None
+
+
+def _is_plain_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1093,7 +1086,7 @@ class PreparedInstitution:
     x_test: np.ndarray
     y_test: np.ndarray
     preprocessor: Preprocessor
-    missing_imputed: int = 0  # blank cells filled from the training medians / most frequent values
+    missing_imputed: int = 0  # blank cells filled with declared values (bounds midpoint; all-zero category)
     rows_dropped: int = 0  # rows dropped for blank cells (missing_values="drop")
     source: str = field(default="")  # where the rows came from (file path or "synthetic")
     fingerprint: str = ""  # SHA-256 of the institution's rows (shared/row_identity): its ledger's dataset
@@ -1102,7 +1095,7 @@ class PreparedInstitution:
 def prepare_institution(
     config: FedChurnConfig, institution: str, *, split_key: bytes | None = None
 ) -> PreparedInstitution:
-    """Read, split, fit the preprocessor on the training rows, and transform the three parts.
+    """Read, split, and transform the three parts with the schema's declared preprocessing.
 
     ``split_key`` is the bank's secret key (shared/bank_random.bank_secret_key). Without one (offline tools,
     research) the key is derived from the config's seed and the institution's name: a split the server can know.
@@ -1120,7 +1113,8 @@ def prepare_institution(
     )
     path = data.institution_files.get(institution) if data.source == "csv" else None
     fingerprint = file_fingerprint(path) if path else table_fingerprint(table)
-    preprocessor = Preprocessor.fit(split.train)
+    # Declared bounds and vocabulary only: no statistic of this bank's rows enters any customer's features.
+    preprocessor = Preprocessor.from_schema(table.schema)
 
     def labels(part: RawTable) -> np.ndarray:
         if part.labels is None:  # split_institution refuses unlabelled tables

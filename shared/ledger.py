@@ -11,6 +11,10 @@ Two stores share the chain:
   the institution trained. Triggers refuse UPDATE and DELETE, so an honest mistake cannot rewrite history; a
   deliberate edit (dropping the triggers) still breaks the chain.
 - :class:`JsonlChain` — one JSON line per entry; the server's record of what each institution reported.
+
+Beside its chain an institution ledger keeps, append-only too, the bank's own signature of each entry hash and
+the consortium's countersignature of it (``shared/ledger_signing.py`` makes and checks them; this module stores
+them and stays stdlib-only).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import hashlib
 import json
 import math
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ __all__ = [
     "InstitutionLedger",
     "JsonlChain",
     "LedgerError",
+    "SignedHash",
     "canonical_json",
     "entry_hash",
     "verify_chain",
@@ -49,6 +54,21 @@ SCHEMA_VERSION = 1
 
 class LedgerError(FedChurnError):
     """A ledger that cannot be read or written."""
+
+
+@dataclass(frozen=True)
+class SignedHash:
+    """A record hash, a signature over it (base64 DER ECDSA) and the signer's public key (PEM)."""
+
+    record_hash: str
+    signature: str
+    public_key: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"record-hash": self.record_hash, "signature": self.signature, "public-key": self.public_key}
+
+    def to_text(self) -> str:
+        return json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))
 
 
 def _plain(value: Any) -> Any:
@@ -161,7 +181,22 @@ CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
     BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TABLE IF NOT EXISTS signatures (
+    seq INTEGER PRIMARY KEY, record_hash TEXT NOT NULL, signature TEXT NOT NULL, public_key TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS countersignatures (
+    seq INTEGER PRIMARY KEY, record_hash TEXT NOT NULL, signature TEXT NOT NULL, public_key TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS signatures_no_update BEFORE UPDATE ON signatures
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS signatures_no_delete BEFORE DELETE ON signatures
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS countersignatures_no_update BEFORE UPDATE ON countersignatures
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS countersignatures_no_delete BEFORE DELETE ON countersignatures
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
+CONSORTIUM_KEY_META = "consortium_public_key"  # pinned at the first countersignature the bank accepts
 
 
 class InstitutionLedger:
@@ -181,8 +216,11 @@ class InstitutionLedger:
             raise LedgerError(f"cannot open the privacy ledger {self.path}: {exc}") from None
         return connection
 
-    def append(self, record: Mapping[str, Any]) -> ChainEntry:
-        """Add one record at the end of the chain (atomically: concurrent writers cannot fork it)."""
+    def append(self, record: Mapping[str, Any], *, sign: Callable[[str], SignedHash] | None = None) -> ChainEntry:
+        """Add one record at the end of the chain (atomically: concurrent writers cannot fork it).
+
+        With ``sign``, the bank's signature of the new entry's hash is stored in the same transaction.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with closing(self._connect()) as db:
@@ -197,6 +235,12 @@ class InstitutionLedger:
                         "INSERT INTO ledger (seq, record, prev_hash, hash) VALUES (?, ?, ?, ?)",
                         (entry.seq, entry.record_json, entry.prev_hash, entry.hash),
                     )
+                    if sign is not None:
+                        signed = sign(entry.hash)
+                        db.execute(
+                            "INSERT INTO signatures VALUES (?, ?, ?, ?)",
+                            (entry.seq, signed.record_hash, signed.signature, signed.public_key),
+                        )
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
@@ -218,6 +262,96 @@ class InstitutionLedger:
 
     def verify(self) -> list[ChainProblem]:
         return verify_chain(self.entries())
+
+    def _signed(self, table: str) -> dict[int, SignedHash]:
+        if not self.path.is_file():
+            return {}
+        try:
+            with closing(self._connect()) as db:
+                exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+                rows = (
+                    db.execute(f"SELECT seq, record_hash, signature, public_key FROM {table}").fetchall()
+                    if exists
+                    else []
+                )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the privacy ledger {self.path}: {exc}") from None
+        return {int(s): SignedHash(str(h), str(g), str(k)) for s, h, g, k in rows}
+
+    def signatures(self) -> dict[int, SignedHash]:
+        """The bank's own signature of each entry, by position."""
+        return self._signed("signatures")
+
+    def countersignatures(self) -> dict[int, SignedHash]:
+        """The consortium's countersignature of each entry it received, by position."""
+        return self._signed("countersignatures")
+
+    def pinned_consortium_key(self) -> str | None:
+        if not self.path.is_file():
+            return None
+        try:
+            with closing(self._connect()) as db:
+                exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+                row = (
+                    db.execute("SELECT value FROM meta WHERE key=?", (CONSORTIUM_KEY_META,)).fetchone()
+                    if exists
+                    else None
+                )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the privacy ledger {self.path}: {exc}") from None
+        return None if row is None else str(row[0])
+
+    def add_countersignature(self, signed: SignedHash) -> str | None:
+        """Store a VERIFIED consortium countersignature beside the entry it covers; a reason when refused.
+
+        Refused: no entry has that hash, the entry is already countersigned, or the key is not the consortium key
+        pinned at the first countersignature (a server cannot swap its key half-way through the history).
+        """
+        if not self.path.is_file():
+            return "the ledger holds no records"
+        try:
+            with closing(self._connect()) as db:
+                db.executescript(_SCHEMA)
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = db.execute("SELECT seq FROM ledger WHERE hash=?", (signed.record_hash,)).fetchone()
+                    pinned = db.execute("SELECT value FROM meta WHERE key=?", (CONSORTIUM_KEY_META,)).fetchone()
+                    done = (
+                        row is not None
+                        and db.execute("SELECT 1 FROM countersignatures WHERE seq=?", (row[0],)).fetchone()
+                    )
+                    reason = None
+                    same = (
+                        row is not None
+                        and db.execute(
+                            "SELECT 1 FROM countersignatures WHERE seq=? AND record_hash=? AND signature=? "
+                            "AND public_key=?",
+                            (row[0], signed.record_hash, signed.signature, signed.public_key),
+                        ).fetchone()
+                    )
+                    if same:  # the same countersignature delivered again (train and evaluate both carry it)
+                        db.execute("COMMIT")
+                        return None
+                    if row is None:
+                        reason = "no record of this ledger has that hash"
+                    elif done:
+                        reason = "the record is already countersigned"
+                    elif pinned is not None and pinned[0] != signed.public_key:
+                        reason = "signed by a key other than the consortium key pinned at the first countersignature"
+                    if reason is None:
+                        if pinned is None:
+                            db.execute("INSERT INTO meta VALUES (?, ?)", (CONSORTIUM_KEY_META, signed.public_key))
+                        db.execute(
+                            "INSERT INTO countersignatures VALUES (?, ?, ?, ?)",
+                            (row[0], signed.record_hash, signed.signature, signed.public_key),  # type: ignore[index]
+                        )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot store a countersignature in {self.path}: {exc}") from None
+        return reason
 
 
 # --------------------------------------------------------------------------------------------------

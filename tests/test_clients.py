@@ -84,7 +84,8 @@ def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes
         assert not any("head" in key for key in sent)
         assert set(content.metric_records) == {"metrics"}
         assert set(content["metrics"]) == set(TRAIN_METRICS)
-        assert set(content.config_records) == {"identity"}
+        assert set(content.config_records) == {"identity", "ledger"}  # + the bank's signed ledger-record hash
+        assert set(content["ledger"]) == {"record-hash", "signature", "public-key"}
         assert dict(content["identity"]) == {"institution": "bank-01"}
         epsilons.append(content["metrics"]["epsilon"])
         heads.append(context.state["fedchurn.head"].to_torch_state_dict())

@@ -41,6 +41,7 @@ SCHEMA = SchemaConfig(
     positive="yes",
     numeric=("age", "balance"),
     categorical={"plan": ("basic", "premium")},
+    bounds={"age": (0.0, 100.0), "balance": (0.0, 1000.0)},
 )
 
 GOOD = """\
@@ -280,14 +281,12 @@ def test_missing_policy_impute(tmp_path: Path) -> None:
     table = read(write(tmp_path, BLANKS), missing_values="impute")
     assert table.n_rows == 6 and table.rows_dropped == 0 and table.n_blank == 2
     assert math.isnan(table.numeric[1, 1]) and table.categorical[3, 0] is None
-    pre = Preprocessor.fit(table)
-    assert pre.medians == (55.0, 400.0)  # balance: median of the non-blank 100, 300, 400, 500, 600
-    assert pre.means[1] == 380.0  # blank cells do not count towards the mean either
-    assert pre.modes == ("basic",)
+    pre = Preprocessor.from_schema(table.schema)
     x = pre.transform(table)
     assert not np.isnan(x).any()
-    assert x[1, 1] == pytest.approx((400.0 - 380.0) / pre.stds[1])
-    assert x[3, 2:].tolist() == [1.0, 0.0]
+    assert x[1, 1] == 0.0  # blank balance: the midpoint of the declared [0, 1000], never a statistic of the rows
+    assert x[0, 1] == pytest.approx(2 * (2 * 100 / 1000 - 1))  # 100 on [0, 1000] -> -1.6
+    assert x[3, 2:].tolist() == [0.0, 0.0]  # blank category: all-zero, not the most frequent value
 
 
 def test_prepare_institution_counts_imputed_and_dropped(tmp_path: Path) -> None:
@@ -516,7 +515,11 @@ def test_institution_too_small_to_split() -> None:
 
 def _table(ages: list[float], plans: list[str | None], schema: SchemaConfig | None = None) -> RawTable:
     schema = schema or SchemaConfig(
-        label="churn", positive="yes", numeric=("age", "const"), categorical={"plan": ("premium", "basic", "gold")}
+        label="churn",
+        positive="yes",
+        numeric=("age", "const"),
+        categorical={"plan": ("premium", "basic", "gold")},
+        bounds={"age": (0.0, 10.0), "const": (5.0, 9.0)},
     )
     n = len(ages)
     return RawTable(
@@ -530,19 +533,52 @@ def _table(ages: list[float], plans: list[str | None], schema: SchemaConfig | No
     )
 
 
-def test_preprocessor_fitted_on_train_only() -> None:
-    train = _table([1.0, 2.0, 3.0, 6.0], ["basic", "gold", "basic", "premium"])
-    other = _table([3.0, 100.0], ["gold", "premium"])
-    pre = Preprocessor.fit(train)
-    assert pre.means == (3.0, 7.0)
-    assert pre.stds[0] == pytest.approx(math.sqrt(3.5))  # population std: (4 + 1 + 0 + 9) / 4
-    assert pre.stds[1] == 1.0  # constant column: std 0 -> 1
-    assert pre.medians == (2.5, 7.0) and pre.modes == ("basic",)
-    x = pre.transform(other)
-    assert x.dtype == np.float32 and x.shape == (2, 5)
-    assert x[0, 0] == pytest.approx(0.0) and x[1, 0] == pytest.approx(97.0 / math.sqrt(3.5), rel=1e-6)
-    assert x[:, 1].tolist() == [0.0, 0.0]
-    assert Preprocessor.fit(other).means[0] == 51.5  # different rows, different statistics
+def test_preprocessor_uses_declared_bounds_only() -> None:
+    pre = Preprocessor.from_schema(_table([1.0], ["basic"]).schema)
+    assert (pre.lows, pre.highs) == ((0.0, 5.0), (10.0, 9.0))
+    x = pre.transform(_table([-3.0, 0.0, 2.5, 10.0, 100.0, math.nan], ["basic", "gold", None, "premium", "x", "gold"]))
+    assert x.dtype == np.float32 and x.shape == (6, 5)
+    # age on [0, 10] -> [-2, 2], clipped outside: -3 -> -2, 2.5 -> -1, 100 -> 2, blank -> 0 (midpoint)
+    assert x[:, 0].tolist() == [-2.0, -2.0, -1.0, 2.0, 2.0, 0.0]
+    assert x[:, 1].tolist() == [0.0] * 6  # 7 is the midpoint of [5, 9]
+    # declared vocabulary order; blank and undeclared 'x' are all-zero
+    assert x[:, 2:].tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_preprocessing_is_row_wise() -> None:
+    """A row's features never depend on the other rows (no statistic of the bank's data is fitted)."""
+    ages = [1.0, 2.0, 3.0, 6.0]
+    plans: list[str | None] = ["basic", "gold", None, "premium"]
+    pre = Preprocessor.fit(_table(ages, plans))
+    alone = np.concatenate([pre.transform(_table([a], [p])) for a, p in zip(ages, plans, strict=True)])
+    np.testing.assert_array_equal(pre.transform(_table(ages, plans)), alone)
+    with_outlier = pre.transform(_table([*ages, 1e9], [*plans, "gold"]))
+    np.testing.assert_array_equal(with_outlier[:4], alone)
+
+
+def test_numeric_column_without_bounds_is_a_config_error() -> None:
+    schema = SchemaConfig(label="churn", numeric=("age", "income"), bounds={"age": (18.0, 99.0)})
+    with pytest.raises(ConfigError) as info:
+        Preprocessor.from_schema(schema)
+    message = str(info.value)
+    assert "data.schema.bounds.income" in message and "income" in message and "[low, high]" in message
+
+
+@pytest.mark.parametrize(
+    ("bounds", "rule"),
+    [
+        ({"age": (5.0, 5.0)}, "low < high"),
+        ({"age": (9.0, 1.0)}, "low < high"),
+        ({"age": (0.0, math.inf)}, "finite"),
+        ({"age": (math.nan, 1.0)}, "finite"),
+        ({"plan": (0.0, 1.0)}, "numeric columns only"),
+        ({"other": (0.0, 1.0)}, "numeric columns only"),
+    ],
+)
+def test_bounds_validation(bounds: dict[str, tuple[float, float]], rule: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        SchemaConfig(label="churn", numeric=("age",), categorical={"plan": ("a", "b")}, bounds=bounds)
+    assert rule in str(info.value) and "data.schema.bounds." in str(info.value)
 
 
 def test_one_hot_follows_declared_order() -> None:
@@ -550,7 +586,7 @@ def test_one_hot_follows_declared_order() -> None:
     pre = Preprocessor.fit(table)
     assert pre.feature_names == ("age", "const", "plan=premium", "plan=basic", "plan=gold")
     x = pre.transform(table)
-    assert x[:, 2:].tolist() == [[0, 1, 0], [0, 0, 1], [0, 1, 0]]  # None -> mode 'basic' (tie, declared order)
+    assert x[:, 2:].tolist() == [[0, 1, 0], [0, 0, 1], [0, 0, 0]]  # None -> all-zero
 
 
 def test_preprocessor_round_trip_through_json() -> None:
@@ -564,17 +600,15 @@ def test_preprocessor_round_trip_through_json() -> None:
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        (lambda d: d.pop("means"), "means"),
         (lambda d: d.update(format="other"), "format"),
-        (lambda d: d.update(version=99), "version"),
         (lambda d: d.update(extra=1), "extra"),
-        (lambda d: d["means"].pop(), "means"),
-        (lambda d: d["stds"].__setitem__(0, 0.0), "stds"),
-        (lambda d: d["medians"].__setitem__(0, float("nan")), "medians"),
-        (lambda d: d["medians"].__setitem__(0, "1"), "medians"),
-        (lambda d: d["modes"].__setitem__(0, "purple"), "modes"),
+        (lambda d: d.pop("schema"), "schema"),
         (lambda d: d["schema"].pop("label"), "schema.label"),
-        (lambda d: d["schema"].update(numeric=[]), "means"),
+        (lambda d: d["schema"].pop("bounds"), "schema.bounds"),
+        (lambda d: d["schema"]["bounds"].pop("age"), "schema.bounds"),
+        (lambda d: d["schema"]["bounds"].__setitem__("age", [1.0]), "schema.bounds"),
+        (lambda d: d["schema"]["bounds"].__setitem__("age", ["1", 2]), "schema.bounds"),
+        (lambda d: d["schema"]["bounds"].__setitem__("age", [3.0, 1.0]), "schema"),
         (lambda d: d["schema"].update(drop=["churned"]), "schema"),
     ],
 )
@@ -586,18 +620,19 @@ def test_preprocessor_from_malformed_dict(change: object, key: str) -> None:
     assert f"'{key}'" in str(info.value)
 
 
-def test_preprocessor_from_non_mapping() -> None:
+def test_preprocessor_refuses_old_version_and_non_mapping() -> None:
+    d = Preprocessor.fit(synthetic_table(100)).to_dict()
+    d["version"] = 1
+    with pytest.raises(DataError, match="retrain"):
+        Preprocessor.from_dict(d)
     with pytest.raises(DataError, match="mapping"):
         Preprocessor.from_dict([1, 2])  # type: ignore[arg-type]
 
 
-def test_preprocessor_refuses_other_schema_and_empty_columns() -> None:
+def test_preprocessor_refuses_other_schema() -> None:
     pre = Preprocessor.fit(synthetic_table(100))
     with pytest.raises(DataError, match="different schema"):
         pre.transform(_table([1.0], ["basic"]))
-    with pytest.raises(DataError) as info:
-        Preprocessor.fit(_table([math.nan, math.nan], ["basic", "gold"]))
-    assert info.value.column == "age"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -721,8 +756,8 @@ def test_prepare_synthetic_institution() -> None:
         assert x.dtype == np.float32 and y.dtype == np.float32 and x.shape == (len(y), len(prepared.feature_names))
         assert set(np.unique(y).tolist()) == {0.0, 1.0}
     k = len(SYNTHETIC_SCHEMA.numeric)
-    np.testing.assert_allclose(prepared.x_train[:, :k].mean(axis=0), 0.0, atol=1e-5)  # scaled by train only
-    np.testing.assert_allclose(prepared.x_train[:, :k].std(axis=0), 1.0, atol=1e-4)
+    assert np.abs(prepared.x_train[:, :k]).max() <= 2.0  # clipped to the declared bounds, scaled to [-2, 2]
+    assert np.abs(prepared.x_test[:, :k]).max() <= 2.0
     again = prepare_institution(config, "bank-06")
     np.testing.assert_array_equal(prepared.x_test, again.x_test)
     assert (prepared.missing_imputed, prepared.rows_dropped) == (0, 0)
@@ -826,6 +861,12 @@ def _real_file(folder: Path, name: str) -> Path:
     return path
 
 
+def _with_bounds(schema: SchemaConfig) -> SchemaConfig:
+    """Preprocessing needs declared bounds: keep any the inference declared, a wide range for the rest."""
+    bounds = {c: schema.bounds.get(c, (0.0, 1.0e6)) for c in schema.numeric}
+    return dataclasses.replace(schema, bounds=bounds)
+
+
 def test_real_bank_churners(real_data_dir: Path) -> None:
     path = _real_file(real_data_dir, "BankChurners.csv")
     with path.open(encoding="utf-8", newline="") as handle:
@@ -838,7 +879,7 @@ def test_real_bank_churners(real_data_dir: Path) -> None:
     inferred = infer_schema(
         path, label="Attrition_Flag", positive="Attrited Customer", institution_column="Income_Category", drop=leaky
     )
-    schema = inferred.schema
+    schema = _with_bounds(inferred.schema)
     assert set(schema.drop) == {"CLIENTNUM", *leaky}
     assert "Income_Category" not in schema.categorical and "Attrition_Flag" not in schema.numeric
     assert schema.categorical["Card_Category"] == ("Blue", "Gold", "Platinum", "Silver")
@@ -870,7 +911,7 @@ def test_real_bank_churners(real_data_dir: Path) -> None:
 def test_real_telco(real_data_dir: Path) -> None:
     path = _real_file(real_data_dir, "Telco-Customer-Churn.csv")
     inferred = infer_schema(path, label="Churn", institution_column="Contract")
-    schema = inferred.schema
+    schema = _with_bounds(inferred.schema)
     assert schema.positive == "Yes" and "customerID" in schema.drop
     assert "TotalCharges" in schema.numeric and "SeniorCitizen" in schema.numeric
     assert any(r.startswith("customerID: dropped (looks like an identifier") for r in inferred.report)

@@ -218,6 +218,7 @@ def budget_run(tmp_path_factory: pytest.TempPathFactory):
         round_replies = []
         for partition, context in enumerate(contexts):
             message = Message(content=sent, dst_node_id=context.node_id, message_type=MessageType.TRAIN)
+            (message,) = oversight.with_countersignatures([message])  # last round's record, countersigned
             reply = app(message, context)
             assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
             replies[(f"bank-0{partition + 1}", server_round)] = reply

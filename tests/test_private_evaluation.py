@@ -39,7 +39,7 @@ from shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
 from shared.errors import DataError
 from shared.ledger import InstitutionLedger
 from shared.metrics import risk_deciles
-from shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
+from shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
 from shared.private_metrics import (
     BinSpec,
     histogram_auc,
@@ -292,9 +292,25 @@ def test_a_server_asking_every_round_gets_at_most_one_release_per_trained_round(
     # The audit recomposes ε over training and evaluation records alike and finds the ledger complete.
     from shared.audit import _audit_institution
 
-    audit = _audit_institution(Path(config.output_dir) / "institutions" / "bank-01", 21, [], None)
-    assert audit.tampering == [] and audit.findings == []
-    assert audit.epsilon == pytest.approx(privacy["epsilon"])
+    audit = _audit_institution(
+        Path(config.output_dir) / "institutions" / "bank-01",
+        21,
+        [],
+        None,
+        consortium_key=None,
+        consortium_fingerprint=None,
+        config=None,
+    )
+    # No server ran here, so no training record is countersigned; everything else checks out.
+    assert audit.findings == [] and all("not countersigned" in problem for problem in audit.tampering)
+    # Composing every ledger record (training and releases) by hand gives the bank's reported ε.
+    ledger = InstitutionLedger.in_folder(Path(config.output_dir) / "institutions" / "bank-01")
+    history = tuple(
+        MechanismStep(noise_multiplier=r["noise_multiplier"], sample_rate=r["sample_rate"], steps=r["steps"])
+        for r in (e.record for e in ledger.entries())
+    )
+    composed = epsilon_of(AccountantState(accountant="rdp", history=history), delta=1e-5)
+    assert composed == pytest.approx(privacy["epsilon"], rel=1e-9)
 
 
 def test_an_encoder_that_overflows_on_some_rows_still_gets_only_a_dp_release(tmp_path: Path) -> None:

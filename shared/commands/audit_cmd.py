@@ -19,7 +19,29 @@ def register(commands: Any) -> None:
         "and with Google's dp-accounting, and write a report per institution (RUN_DIR/audit/). "
         "Exits 1 when any ledger was tampered with or any check fails.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the output folder of a run")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the output folder of a run, or one bank's own folder (its ledger.sqlite)"
+    )
+    parser.add_argument(
+        "--consortium-key",
+        metavar="FINGERPRINT",
+        help="SHA-256 fingerprint of the consortium's ledger key, as the consortium publishes it: the countersignatures"
+        " in a bank's ledger must be by that key (needed to rule out a swapped key when auditing a bank folder alone)",
+    )
+    parser.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also measure an empirical LOWER bound on ε: a canary training run of each bank through its own "
+        "training code (Steinke, Nasr & Jagielski 2023, one run; black-box and white-box); needs the run's config",
+    )
+    parser.add_argument("--config", metavar="FILE", help="--empirical: the run's config (default RUN_DIR/config.yaml)")
+    parser.add_argument(
+        "--institution", action="append", metavar="NAME", help="--empirical: only these banks (repeatable)"
+    )
+    parser.add_argument("--canaries", type=int, default=1000, metavar="M", help="--empirical: canaries (default 1000)")
+    parser.add_argument(
+        "--beta", type=float, default=0.05, help="--empirical: the lower bounds hold with confidence 1 - beta"
+    )
     parser.add_argument("--json", action="store_true", help="print the audit as JSON")
     parser.add_argument("--no-reports", action="store_true", help="check only; write no Markdown/PNG reports")
     parser.set_defaults(handler=run)
@@ -32,7 +54,17 @@ def _fmt(value: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from shared.audit import audit_run
 
-    audit = audit_run(Path(args.run_dir))
+    audit = audit_run(Path(args.run_dir), consortium_fingerprint=args.consortium_key)
+    if args.empirical:
+        from shared.audit import add_empirical
+
+        add_empirical(
+            audit,
+            config_path=Path(args.config) if args.config else None,
+            institutions=args.institution,
+            canaries=args.canaries,
+            beta=args.beta,
+        )
     reports = []
     if not args.no_reports:
         from shared.audit_report import write_reports
@@ -51,8 +83,27 @@ def run(args: argparse.Namespace) -> int:
                     f"  {verdict} {inst.name:<22} ε {_fmt(inst.epsilon)} ({inst.accountant}), "
                     f"PLD {_fmt(inst.epsilon_pld)}, budget {_fmt(inst.max_epsilon)}, {len(inst.rounds)} rounds"
                 )
+            if inst.signatures:
+                sig = inst.signatures
+                print(
+                    f"       signed by the bank {sig['signed']}/{sig['records']}, countersigned by the consortium "
+                    f"{sig['countersigned']}/{sig.get('training_records', sig['records'])} training records; "
+                    f"lifetime ε {_fmt(inst.lifetime_epsilon)} over "
+                    f"{inst.lifetime_runs} run(s)"
+                )
+            if inst.empirical:
+                emp = inst.empirical
+                print(
+                    f"       empirical ε ≥ {emp['epsilon_lower_bound']:.3f} at confidence {1 - emp['beta']:.2f} "
+                    f"(black-box {emp['black_box_epsilon']:.3f}: {emp['black_box']['v']}/{emp['black_box']['r']} "
+                    f"correct; white-box {emp['white_box_epsilon']:.3f}: {emp['white_box']['v']}/"
+                    f"{emp['white_box']['r']}; {emp['black_box']['m']} canaries); claimed ε for that run "
+                    f"{_fmt(emp['claimed_epsilon'])}"
+                )
             for problem in inst.tampering + inst.findings:
                 print(f"       {problem}")
+            for note in inst.notes:
+                print(f"       note: {note}")
         for problem in audit.consortium_problems:
             print(f"  FAIL consortium: {problem}")
         if audit.institution_dp:
