@@ -18,7 +18,7 @@ import datetime
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
+from server.reply_checks import check_member
 from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
 from shared.config import FedChurnConfig
 from shared.decline import Decline, is_decline, read_decline
 from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
-from shared.wire import WEIGHT_KEY
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
@@ -66,11 +66,9 @@ class DeclineScreen(Strategy):
             if not is_decline(message):
                 others.append(message)
                 continue
-            name = reply_institution(message)
-            decline = read_decline(message)
+            name, decline = self._read(message)
             if name is None or isinstance(decline, str):
-                reason = decline if isinstance(decline, str) else "a decline that names no institution"
-                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
+                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", str(decline)))
             else:
                 declines.append((name, decline))
         self.oversight.on_declines(server_round, sorted(declines, key=lambda item: item[0]), malformed)
@@ -82,7 +80,24 @@ class DeclineScreen(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        others: list[Message] = []
+        for message in replies:
+            name, decline = self._read(message) if is_decline(message) else (None, "")
+            if name is None or isinstance(decline, str):
+                others.append(message)  # a malformed decline is dropped, with its reason, by reply validation
+            else:
+                progress.info("round %d: %s withholds its evaluation (%s)", server_round, name, decline.reason)
+        return self.strategy.aggregate_evaluate(server_round, others)
+
+    def _read(self, message: Message) -> tuple[str | None, Decline | str]:
+        """Who declines and why, or why this decline is refused (malformed, or from a node registered otherwise)."""
+        try:
+            name = reply_institution(message)
+            if name is None:
+                return None, "a decline that names no institution"
+            return name, check_member(message, name, self.oversight.members) or read_decline(message)
+        except Exception as exc:  # a reply must never crash the server, whatever it holds
+            return None, f"unreadable decline ({type(exc).__name__})"
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -109,10 +124,12 @@ class PrivacyOversight:
         self.releases: list[Release] = []
         self._weights: dict[int, list[float]] = {}
         self._forward: RoundObserver | None = None
+        self.members: Mapping[int, str] | None = None  # node id -> registered institution, from the strategy
 
     def wrap(self, strategy: EncoderAggregation) -> Strategy:
         """The strategy to run: declines screened, replies observed here, institution-level DP when configured."""
         self._forward = strategy.observer
+        self.members = strategy.members
         strategy.observer = self
         inner: Strategy = strategy  # type: ignore[assignment]
         if self.config.institution_dp.enabled:
@@ -128,7 +145,7 @@ class PrivacyOversight:
     # --- RoundObserver ---------------------------------------------------------------------------
 
     def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
-        self._weights[server_round] = [reply.metrics[WEIGHT_KEY] for reply in accepted]
+        self._weights[server_round] = [reply.weight for reply in accepted]  # as aggregated (capped)
         for reply in accepted:
             self._append({"kind": "train", "round": server_round, "institution": reply.institution, **reply.metrics})
         if self._forward is not None:

@@ -255,7 +255,12 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     min_replies: int = 1  # a round needs at least this many valid replies
     round_timeout_s: float = 600.0
-    max_update_norm: float | None = None  # drop a reply whose encoder moved further than this (L2)
+    # Robust aggregation (server/strategy.py, server/reply_checks.py): every reply is bounded before it is used.
+    max_update_norm: float | None = 1000.0  # drop a reply whose encoder moved further than this (L2); null: no cap
+    bound_multiplier: float | None = 3.0  # cap each norm and weight at this x the others' median; null: off
+    max_examples: float | None = 1.0e6  # cap on the num-examples weight a reply reports; null: no cap
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"  # median/trimmed_mean: strategy fedavg only
+    trim_fraction: float = 0.2  # trimmed_mean: fraction of values cut at each end of every coordinate
 
     def __post_init__(self) -> None:
         _require(self.proximal_mu >= 0.0, "strategy.proximal_mu", self.proximal_mu, "must be >= 0")
@@ -271,8 +276,25 @@ class StrategyConfig:
             _require(0.0 < value <= 1.0, f"strategy.{key}", value, "must be in (0, 1]")
         _require(self.min_replies >= 1, "strategy.min_replies", self.min_replies, "must be >= 1")
         _require(self.round_timeout_s > 0.0, "strategy.round_timeout_s", self.round_timeout_s, "must be > 0")
-        if self.max_update_norm is not None:
-            _require(self.max_update_norm > 0.0, "strategy.max_update_norm", self.max_update_norm, "must be > 0")
+        for key in ("max_update_norm", "bound_multiplier", "max_examples"):
+            value = getattr(self, key)
+            if value is not None:
+                _require(math.isfinite(value) and value > 0.0, f"strategy.{key}", value, "must be > 0 and finite")
+        if self.bound_multiplier is not None:
+            _require(self.bound_multiplier >= 1.0, "strategy.bound_multiplier", self.bound_multiplier, "must be >= 1")
+        _require(
+            self.aggregation in ("mean", "median", "trimmed_mean"),
+            "strategy.aggregation",
+            self.aggregation,
+            "must be mean, median or trimmed_mean",
+        )
+        _require(
+            self.aggregation == "mean" or self.name == "fedavg",
+            "strategy.aggregation",
+            self.aggregation,
+            f"median and trimmed_mean replace FedAvg's average: set strategy.name fedavg (got {self.name!r})",
+        )
+        _require(0.0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
 
 
 @dataclass(frozen=True)
@@ -804,6 +826,11 @@ strategy:
   name: fedavg               # fedavg | fedprox | fedadam
   min_replies: 1
   round_timeout_s: 600.0
+  max_update_norm: 1000.0    # drop a reply whose encoder update (L2) exceeds this (null: no absolute cap)
+  bound_multiplier: 3.0      # an update's norm and weight are capped at this x the median of the other replies
+  max_examples: 1000000.0    # cap on the num-examples weight a reply reports
+  aggregation: mean          # mean (weighted) | median | trimmed_mean (coordinate-wise; strategy fedavg only)
+  trim_fraction: 0.2         # trimmed_mean: fraction cut at each end of every coordinate
 simulation:
   ray_num_cpus: null         # local Ray bound to this many CPUs (null: all)
   client_num_cpus: 1.0
