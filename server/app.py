@@ -37,8 +37,14 @@ def initial_encoder(config: FedChurnConfig, feature_names: tuple[str, ...]) -> d
     return encoder_arrays(build_model(config.model, input_dim=len(feature_names)))
 
 
-def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[str, Any]:
-    """Run every round and write the run's artifacts; returns the summary."""
+def run_federation(
+    grid: Grid, config: FedChurnConfig, *, run_id: int, members: Mapping[int, str] | None = None
+) -> dict[str, Any]:
+    """Run every round and write the run's artifacts; returns the summary.
+
+    ``members`` maps each node id to the institution registered for it (a simulation's partitions); by default
+    the config's ``federation.members``. Without either, replies are taken at their word, with a warning.
+    """
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,11 +56,19 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
 
     recorder = RunRecorder(output_dir, rounds=config.rounds)
+    if members is None and config.federation.members:
+        members = {int(node): name for node, name in config.federation.members.items()}
+    if members is None:
+        logger.warning(
+            "no member registry (federation.members): replies are attributed to the institution they name; "
+            "register each bank's key with fedchurn federation register ... --institution NAME"
+        )
     strategy = make_strategy(
         config.strategy,
         observer=recorder,
         min_available=config.strategy.min_replies,
         transfer_mode=config.transfer.mode,
+        members=members,
     )
     oversight = PrivacyOversight(config, output_dir, run_id=run_identity)  # declines, consortium ledger, institution DP
     result = resumable.attach(recorder, oversight.wrap(strategy)).start(
@@ -107,14 +121,17 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used."""
+def make_server_app(
+    run_config: Mapping[str, Any] | None = None, *, members: Mapping[int, str] | None = None
+) -> ServerApp:
+    """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used.
+    ``members``: node id -> institution, filled by the simulation as it creates its nodes."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
-        run_federation(grid, config, run_id=context.run_id)
+        run_federation(grid, config, run_id=context.run_id, members=members)
 
     return app
 

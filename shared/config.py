@@ -428,8 +428,22 @@ class FederationConfig:
 
     run_name: str | None = None  # null: Flower's run id (a resubmitted run then starts every accountant afresh)
     resume: bool = False  # continue from the last completed round checkpointed in output_dir
+    # Node id (the SuperLink's, from the bank's registered key) -> the institution registered for it. `fedchurn run`
+    # fills it from `fedchurn federation register`; a reply naming another institution than its node's is refused.
+    members: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for node, name in self.members.items():
+            _require(
+                isinstance(node, str) and node.isdigit() and int(node) < 2**64,
+                "federation.members",
+                node,
+                "keys are node ids (unsigned integers, as text)",
+            )
+            _require(is_valid_institution_name(name), f"federation.members.{node}", name, INSTITUTION_NAME_RULE)
+        names = list(self.members.values())
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        _require(not duplicated, "federation.members", duplicated, "each institution is registered for one node")
         if self.run_name is not None and not is_valid_institution_name(self.run_name):
             raise ConfigError("federation.run_name", self.run_name, f"run names must be {INSTITUTION_NAME_RULE}")
         if self.resume and self.run_name is None:
@@ -723,6 +737,7 @@ def _is_free_mapping(section: list[str]) -> bool:
         ["data", "institution_files"],
         ["data", "schema", "categorical"],
         ["budget", "institution_epsilon"],
+        ["federation", "members"],
     )
 
 
@@ -863,6 +878,7 @@ pretrain:                    # fedchurn pretrain: not private; for public or con
 federation:                  # fedchurn run on a real federation (deploy/README.md)
   run_name: null             # identity of the run at every bank; set it to be able to resume
   resume: false              # continue an interrupted run from its last completed round
+  members: {}                # node id -> institution; fedchurn run fills it from `fedchurn federation register`
 """
 
 

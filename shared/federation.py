@@ -36,6 +36,7 @@ from typing import Any
 
 from shared.config import is_valid_institution_name
 from shared.errors import FedChurnError
+from shared.members import node_of_key, record_member
 from shared.pki import (
     CA_CERT,
     SERVER_CERT,
@@ -345,9 +346,13 @@ def _json_tail(text: str) -> Any:
     return json.loads(text[start:])
 
 
-def register_node(flwr_home: Path, connection: str, public_key: Path, *, name: str | None = None) -> int | None:
+def register_node(
+    flwr_home: Path, connection: str, public_key: Path, *, name: str | None = None, node_id: int | None = None
+) -> int | None:
     """Register an institution's public key with the SuperLink: the node id it will have, or None when this key
-    is registered already (registering is idempotent)."""
+    is registered already (registering is idempotent). With ``name``, the node is recorded in the member
+    registry as that institution (``shared/members.py``); ``node_id`` names the node of a key the SuperLink
+    already knows but the registry does not."""
     check_node_public_key(public_key)
     conn = read_connection(flwr_home, connection)
     probe_superlink(conn.address, conn.ca_cert)
@@ -355,11 +360,22 @@ def register_node(flwr_home: Path, connection: str, public_key: Path, *, name: s
     if name:
         args += ["--name", name]
     result = _json_tail(run_flwr(args, flwr_home=flwr_home))
+    registered: int | None
     if not result.get("success") and "already in use" in str(result.get("error-message", "")):
-        return None
-    if not result.get("success"):
+        registered = None
+    elif not result.get("success"):
         raise FederationError(f"the SuperLink refused the key {public_key}: {result.get('error-message', result)}")
-    return int(result["node-id"])
+    else:
+        registered = int(result["node-id"])
+    if name:
+        node = registered if registered is not None else node_of_key(flwr_home, connection, public_key) or node_id
+        if node is None:
+            raise FederationError(
+                f"the SuperLink knows the key {public_key} already, but the member registry does not: give its node "
+                f"id (flwr supernode ls {connection}) with --node-id so its replies can be tied to {name!r}"
+            )
+        record_member(flwr_home, connection, node_id=node, institution=name, public_key=public_key)
+    return registered
 
 
 def list_nodes(flwr_home: Path, connection: str) -> list[dict[str, Any]]:

@@ -6,9 +6,11 @@ functions: nothing on the server or client path imports it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,27 @@ def _check_resources(config: FedChurnConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def _recording_members(members: dict[int, str], institutions: tuple[str, ...]) -> Iterator[None]:
+    """While the simulation starts, record which institution each node Flower creates is: the partition id Flower
+    gives node ``i`` is ``i``, and the client app names partition ``i`` ``institutions[i]`` (clients/institution.py).
+    The server then refuses a reply naming another institution than its node's, as in a real federation."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    register = vce_api._register_nodes
+
+    def recording(num_nodes: int, state_factory: Any) -> dict[int, int]:
+        mapping = register(num_nodes, state_factory)
+        members.update({node: institutions[partition] for node, partition in mapping.items()})
+        return mapping
+
+    vce_api._register_nodes = recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = register
+
+
 def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run the planned federation and return the summary the server wrote."""
     quiet_environment()
@@ -140,14 +163,16 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
                 "num_gpus": config.simulation.client_num_gpus,
             },
         }
-        flower_run_simulation(
-            server_app=make_server_app(run_config),
-            client_app=make_client_app(run_config),
-            num_supernodes=len(plan.institutions),
-            backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        members: dict[int, str] = {}  # node id -> institution, known once Flower creates the nodes
+        with _recording_members(members, plan.institutions):
+            flower_run_simulation(
+                server_app=make_server_app(run_config, members=members),
+                client_app=make_client_app(run_config),
+                num_supernodes=len(plan.institutions),
+                backend_name="ray",
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     except FedChurnError:
         raise  # already says what is wrong and how to fix it
     except Exception as exc:
