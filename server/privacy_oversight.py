@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from server.reply_checks import check_member
 from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
 from shared.config import FedChurnConfig
 from shared.decline import Decline, is_decline, read_decline
-from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
+from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, LedgerError
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
@@ -41,6 +42,40 @@ __all__ = ["CONSORTIUM_LEDGER_FILE", "DeclineScreen", "PrivacyOversight"]
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def set_aside_abandoned_rounds(path: Path, *, completed_round: int) -> Path | None:
+    """Before a resumed run re-runs round ``completed_round + 1``: move the chain's tail from the first record of a
+    later round (the interrupted attempt) to ``<name>.abandoned-<time>.jsonl`` next to it, so every round is in the
+    ledger once and nothing is lost. A prefix of a hash chain is a valid chain. Returns the side file, if any."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = len(lines)
+    for index, line in enumerate(lines):
+        try:
+            record = json.loads(line).get("record", {})
+            server_round = int(record.get("round", 0)) if isinstance(record, dict) else 0
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            raise LedgerError(f"{path}, line {index + 1}: not a ledger entry; cannot resume onto it") from None
+        if server_round > completed_round:
+            cut = index
+            break
+    if cut == len(lines):
+        return None
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    side = path.with_name(f"{path.stem}.abandoned-{stamp}.jsonl")
+    side.write_text("".join(lines[cut:]), encoding="utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(lines[:cut]), encoding="utf-8")
+    os.replace(temporary, path)
+    logger.warning(
+        "resuming after round %d: %d consortium ledger records of the interrupted round moved to %s",
+        completed_round,
+        len(lines) - cut,
+        side.name,
+    )
+    return side
 
 
 class DeclineScreen(Strategy):
@@ -106,11 +141,15 @@ class DeclineScreen(Strategy):
 class PrivacyOversight:
     """Round observer in front of the run recorder; see the module docstring."""
 
-    def __init__(self, config: FedChurnConfig, output_dir: Path, *, run_id: int | str) -> None:
+    def __init__(
+        self, config: FedChurnConfig, output_dir: Path, *, run_id: int | str, completed_round: int = 0
+    ) -> None:
         self.config = config
         self.run_id = run_id
         # A resumed run continues its chain and remembers who already stopped; a new run starts both afresh.
         resuming = config.federation.resume
+        if resuming:
+            set_aside_abandoned_rounds(output_dir / CONSORTIUM_LEDGER_FILE, completed_round=completed_round)
         self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=not resuming)
         self.declines: list[dict[str, Any]] = []
         self.stopped: dict[str, dict[str, Any]] = {}  # institution -> its first decline

@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
             f"{args.federation} --key BANK/node-auth.pub --institution BANK"
         )
         return 1
+    if not config.federation.resume:
+        from server.resume import check_new_run_folder
+
+        check_new_run_folder(Path(config.output_dir))  # when the folder is on this machine; the server checks too
     verb = "Resuming" if config.federation.resume else "Starting"
     print(
         f"{verb} run '{config.federation.run_name}' on federation '{args.federation}': {config.rounds} rounds, "
@@ -97,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nRun {outcome.run_id} ('{config.federation.run_name}') completed.")
     if summary_path.is_file():  # the SuperLink runs on this machine: show the results
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not summary.get("institutions"):
+            print(f"error: no institution completed a round; reasons in {config.output_dir}/rounds.jsonl")
+            return 1
         from shared.commands.simulate import _format_table
 
         print(_format_table(summary))
