@@ -638,6 +638,24 @@ def config_to_dict(config: FedChurnConfig) -> dict[str, Any]:
     return _plain(config)  # type: ignore[no-any-return]
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a config never needs ``*name``, and nested aliases (a "billion laughs") expand into
+    exponentially large values that hang the loader."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML safely (plain values only, no aliases)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: plain values only
+
+
 def load_config(path: str | Path) -> FedChurnConfig:
     """Read a YAML config. Relative data and checkpoint paths are taken relative to the file."""
     path = Path(path)
@@ -648,7 +666,7 @@ def load_config(path: str | Path) -> FedChurnConfig:
     except OSError as exc:
         raise ConfigError("(file)", str(path), f"cannot be read: {exc.strerror}") from None
     try:
-        values = yaml.safe_load(text)
+        values = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -286,7 +286,9 @@ def write_connection(flwr_home: Path, name: str, *, address: str, ca_cert: Path,
     superlink[name] = {"address": address, "root-certificates": str(ca_cert.resolve())}
     if make_default or "default" not in superlink:
         superlink["default"] = name
-    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(tomli_w.dumps(values), encoding="utf-8")
+    os.replace(temporary, path)  # never half a config.toml
     return path
 
 

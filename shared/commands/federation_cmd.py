@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.federation import default_flwr_home, list_nodes, register_node, wait_for_superlink, write_connection
 from shared.members import read_members
+from shared.pki import check_pem_certificate
 
 
 def register(commands: Any) -> None:
@@ -50,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     action = args.federation_command
     if action == "connect":
         ca = Path(args.ca).expanduser().resolve()
-        path = write_connection(_flwr_home(args), args.name, address=args.address, ca_cert=ca)
+        # Check first, write after: a failed connect never replaces a working connection (or its CA).
+        check_pem_certificate(ca, "consortium CA certificate")
         wait_for_superlink(args.address, ca, wait_s=args.wait)
+        path = write_connection(_flwr_home(args), args.name, address=args.address, ca_cert=ca)
         print(f"Federation '{args.name}' -> {args.address} (TLS verified with {ca}); saved in {path}")
     elif action == "register":
         flwr_home = _flwr_home(args)

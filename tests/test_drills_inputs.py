@@ -1,0 +1,63 @@
+"""Drills (issue 13): hostile or mistaken operator inputs are refused before they can hang or destroy anything."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    from shared.config import load_config
+
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for level, name in enumerate("bcdefghi"):
+        previous = "abcdefghi"[level]
+        lines.append(f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")  # 9**9 = 387 million strings once expanded
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"aliases \(\*name\) are not allowed"):
+        load_config(path)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_a_single_alias_is_refused_too(tmp_path: Path) -> None:
+    from shared.config import load_config
+
+    path = tmp_path / "alias.yaml"
+    path.write_text("seed: &s 3\nrounds: *s\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_config(path)
+
+
+def test_a_failed_connect_keeps_the_working_connection(tmp_path: Path) -> None:
+    from shared.commands import federation_cmd
+    from shared.errors import FedChurnError
+    from shared.federation import FLWR_CONFIG_FILE, free_port, write_connection
+    from shared.pki import create_ca
+
+    home = tmp_path / "flwr"
+    create_ca(tmp_path / "good")
+    create_ca(tmp_path / "other")
+    write_connection(home, "consortium", address="127.0.0.1:9093", ca_cert=tmp_path / "good" / "ca.crt")
+    before = (home / FLWR_CONFIG_FILE).read_text()
+    args = argparse.Namespace(
+        federation_command="connect",
+        name="consortium",
+        address=f"127.0.0.1:{free_port()}",  # nothing listens there
+        ca=str(tmp_path / "other" / "ca.crt"),
+        wait=0.0,
+        flwr_home=str(home),
+    )
+    with pytest.raises(FedChurnError, match="cannot reach"):
+        federation_cmd.run(args)
+    (tmp_path / "not-a-cert.crt").write_text("hello")
+    args.ca = str(tmp_path / "not-a-cert.crt")
+    with pytest.raises(FedChurnError):
+        federation_cmd.run(args)
+    assert (home / FLWR_CONFIG_FILE).read_text() == before
