@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,11 +46,13 @@ def run_federation(
     run_id: int,
     members: Mapping[int, str] | None = None,
     refuse_existing: bool = True,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run every round and write the run's artifacts; returns the summary.
 
     A new run (not ``federation.resume``) refuses an ``output_dir`` holding an earlier run unless
-    ``refuse_existing`` is False (``fedchurn simulate --overwrite`` decides that itself).
+    ``refuse_existing`` is False (``fedchurn simulate --overwrite`` decides that itself). When ``stop`` is set
+    the run ends after the round under way, once it is checkpointed (:class:`server.resume.RunInterrupted`).
 
     ``members`` maps each node id to the institution registered for it (a simulation's partitions); by default
     the config's ``federation.members``. Without either, replies are taken at their word, with a warning.
@@ -63,6 +66,7 @@ def run_federation(
     # Read and check everything a resume needs before anything in the folder is written (the recorder truncates
     # rounds.jsonl): a bad checkpoint is refused, naming the file, with the folder as it was.
     resumable = ResumableRun.prepare(config, output_dir, flower_run_id=run_id)
+    resumable.stop = stop
     start_arrays = resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
     run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -135,10 +139,14 @@ def run_federation(
 
 
 def make_server_app(
-    run_config: Mapping[str, Any] | None = None, *, members: Mapping[int, str] | None = None
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    members: Mapping[int, str] | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used.
-    ``members``: node id -> institution, filled by the simulation as it creates its nodes."""
+    ``members``: node id -> institution, filled by the simulation as it creates its nodes; ``stop``: set to end
+    the run after the round under way (the simulation's Ctrl-C)."""
     app = ServerApp()
 
     @app.main()
@@ -146,7 +154,7 @@ def make_server_app(
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
         # A simulation (run_config bound) checks its folder (simulate --overwrite) and its outcome itself.
         real = run_config is None
-        summary = run_federation(grid, config, run_id=context.run_id, members=members, refuse_existing=real)
+        summary = run_federation(grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop)
         if real and not summary["institutions"]:
             reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
             raise FedChurnError(f"no institution completed a round ({reasons or 'no replies'})")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ STRATEGY_STATE_ATTRIBUTES = ("m_t", "v_t")
 # Config sections that may differ between an interrupted run and its resumption; everything else must match.
 RESUMABLE_CHANGES = ("rounds", "output_dir", "federation", "simulation")
 ROUNDS_FILE = "rounds.jsonl"
+SILENT_ROUNDS = 2  # rounds in a row without a single answer before the run stops with an error
 
 
 # Files only a run writes: a folder holding one of them holds an earlier run.
@@ -56,6 +58,18 @@ RUN_MARKERS = ("summary.json", ROUNDS_FILE, "consortium_ledger.jsonl", CHECKPOIN
 
 class ResumeError(FedChurnError):
     """An interrupted run cannot be continued consistently."""
+
+
+class NoRepliesError(FedChurnError):
+    """Round after round, no institution answered."""
+
+
+class RunInterrupted(FedChurnError):
+    """The run was asked to stop (Ctrl-C); it stopped after a completed, checkpointed round."""
+
+    def __init__(self, completed_round: int) -> None:
+        super().__init__(f"stopped on request after round {completed_round}, which is checkpointed")
+        self.completed_round = completed_round
 
 
 def check_new_run_folder(output_dir: Path) -> None:
@@ -271,6 +285,7 @@ class ResumableRounds(Strategy):
         self.missing_observer = observer  # the run recorder: records what never came back
         self._sent: list[Message] = []
         self._node_names: dict[int, str] = {}
+        self._silent_rounds = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -283,7 +298,20 @@ class ResumableRounds(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self._screen_unreachable(server_round + self.round_offset, "train", list(replies))
-        return self.strategy.aggregate_train(server_round + self.round_offset, kept)
+        result = self.strategy.aggregate_train(server_round + self.round_offset, kept)
+        self._check_silence(server_round + self.round_offset, kept)
+        return result
+
+    def _check_silence(self, server_round: int, kept: list[Message]) -> None:
+        """Stop, with a clear error, after ``SILENT_ROUNDS`` rounds in a row where no institution answered at all
+        (no reply, or only error replies): every node is gone, e.g. the Ray cluster of a simulation died."""
+        self._silent_rounds = 0 if any(not reply.has_error() for reply in kept) else self._silent_rounds + 1
+        if self._silent_rounds >= SILENT_ROUNDS:
+            raise NoRepliesError(
+                f"rounds {server_round - SILENT_ROUNDS + 1}-{server_round}: no institution answered (no reply, or "
+                "only errors). Are the SuperNodes, or the Ray cluster of a simulation, still up? The run can be "
+                "resumed from its last completed round"
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -358,6 +386,7 @@ class ResumableRun:
     recorder: Any = None
     strategy: Any = None
     on_round: list[Callable[[int], None]] = field(default_factory=list)  # hooks (tests, progress)
+    stop: threading.Event | None = None  # set (Ctrl-C): stop after the round under way is checkpointed
 
     @classmethod
     def prepare(cls, config: FedChurnConfig, output_dir: Path, *, flower_run_id: int) -> ResumableRun:
@@ -417,6 +446,8 @@ class ResumableRun:
             self.checkpoint(absolute)
             for hook in self.on_round:
                 hook(absolute)
+            if self.stop is not None and self.stop.is_set() and absolute < self.config.rounds:
+                raise RunInterrupted(absolute)
         return result  # type: ignore[no-any-return]
 
     def checkpoint(self, server_round: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from server.reply_checks import (
     update_norm,
 )
 from shared.config import StrategyConfig
+from shared.errors import FedChurnError
 from shared.transfer import outside_mode, replies_carry_arrays
 from shared.wire import (
     ARRAYS_KEY,
@@ -53,6 +55,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class TooFewNodesError(FedChurnError):
+    """Fewer institutions are online than a round needs, for longer than the round timeout."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class EncoderAggregation:
     max_examples: float | None = None
     members: Mapping[int, str] | None = None  # node id -> registered institution (None: no registry)
     min_replies: int = 1
+    node_wait_s: float = 600.0  # how long a round waits for min_replies nodes to be online (round_timeout_s)
     transfer_mode: str = "finetune"  # shared/transfer.py: which arrays replies carry and what is aggregated
     _reference: dict[str, np.ndarray] | None = None
 
@@ -100,7 +107,27 @@ class EncoderAggregation:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._reference = from_array_record(arrays)  # what the institutions were sent this round
+        self._wait_for_nodes(server_round, grid)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._wait_for_nodes(server_round, grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+
+    def _wait_for_nodes(self, server_round: int, grid: Grid) -> None:
+        """Flower waits for ``min_replies`` nodes without end; we wait at most ``node_wait_s``, then fail clearly."""
+        deadline = time.monotonic() + self.node_wait_s
+        while (online := len(list(grid.get_node_ids()))) < self.min_replies:
+            if time.monotonic() >= deadline:
+                raise TooFewNodesError(
+                    f"round {server_round}: {online} institution(s) online after {self.node_wait_s:g} s, fewer "
+                    f"than strategy.min_replies = {self.min_replies}. Start the missing SuperNodes (fedchurn "
+                    "federation nodes NAME shows who is online) or lower strategy.min_replies; the run can be "
+                    "resumed from its last completed round"
+                )
+            time.sleep(min(1.0, self.node_wait_s))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -304,5 +331,6 @@ def make_strategy(
     strategy.max_examples = config.max_examples
     strategy.members = members
     strategy.min_replies = config.min_replies
+    strategy.node_wait_s = config.round_timeout_s
     strategy.transfer_mode = transfer_mode
     return strategy

@@ -18,10 +18,12 @@ key, unreachable address) before a Flower process starts. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -463,6 +465,14 @@ def submit_run(
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
             returncode = process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C: stop the run at the SuperLink (the round under way is abandoned; the last completed one is
+            # checkpointed). A second Ctrl-C exits at once, without a traceback.
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+            if run_id is not None:
+                with contextlib.suppress(FederationError):
+                    run_flwr(["stop", str(run_id), connection], flwr_home=flwr_home)
+            return RunOutcome(run_id, "interrupted", "stopped on Ctrl-C; its last completed round is checkpointed")
         finally:
             if timer is not None:
                 timer.cancel()

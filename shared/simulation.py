@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from shared.data import institution_names, prepare_institution
 from shared.errors import FedChurnError, SimulationError
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")
 
 # Set before Flower or Ray start: no telemetry, and never let a SuperLink pip-install the app's
 # dependencies at run time (that pulled a 5 GB CUDA torch onto a CPU machine).
@@ -112,6 +115,59 @@ def _check_resources(config: FedChurnConfig) -> None:
         )
 
 
+def _descendants() -> list[int]:
+    """Process ids of every descendant of this process (Linux /proc; empty elsewhere)."""
+    tree: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_now(code: int = 130) -> None:
+    """Exit at once: end every process this one started (Ray, Flower workers), by id, then this one."""
+    for pid in reversed(_descendants()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def _interruptible(stop: threading.Event) -> Iterator[None]:
+    """While the simulation runs, a first Ctrl-C asks the server to stop after the round under way (which is
+    then checkpointed); a second one ends everything at once, without a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            progress.warning("Interrupted again: stopping now. The last completed round is checkpointed.")
+            stop_now()
+        stop.set()
+        progress.warning(
+            "Interrupted: stopping after the round under way, once it is checkpointed (Ctrl-C again: stop now)."
+        )
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @contextlib.contextmanager
 def _recording_members(members: dict[int, str], institutions: tuple[str, ...]) -> Iterator[None]:
     """While the simulation starts, record which institution each node Flower creates is: the partition id Flower
@@ -164,9 +220,10 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
             },
         }
         members: dict[int, str] = {}  # node id -> institution, known once Flower creates the nodes
-        with _recording_members(members, plan.institutions):
+        stop = threading.Event()  # Ctrl-C: end after the round under way, once it is checkpointed
+        with _recording_members(members, plan.institutions), _interruptible(stop):
             flower_run_simulation(
-                server_app=make_server_app(run_config, members=members),
+                server_app=make_server_app(run_config, members=members, stop=stop),
                 client_app=make_client_app(run_config),
                 num_supernodes=len(plan.institutions),
                 backend_name="ray",

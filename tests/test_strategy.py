@@ -308,3 +308,28 @@ def test_registered_node_cannot_speak_for_another_institution() -> None:
     reasons = [d.reason for d in recorder.dropped]
     assert any("registered as 'bank-03'" in r and "impersonation" in r for r in reasons)
     assert any("node 42 is not in the member registry" in r for r in reasons)
+
+
+def test_too_few_nodes_online_is_a_clear_error_after_the_round_timeout() -> None:
+    import time
+
+    from server.strategy import TooFewNodesError
+
+    strategy = make_strategy(StrategyConfig(min_replies=3, round_timeout_s=0.3), observer=Recorder(), min_available=1)
+    started = time.monotonic()
+    with pytest.raises(TooFewNodesError, match="2 institution\\(s\\) online after 0.3 s"):
+        list(strategy.configure_train(1, to_array_record(_arrays(0.0)), ConfigRecord({}), _grid()))
+    assert 0.25 < time.monotonic() - started < 5.0
+
+
+def test_rounds_without_any_answer_stop_the_run() -> None:
+    from server.resume import NoRepliesError, ResumableRounds
+
+    inner = _strategy(Recorder())
+    rounds = ResumableRounds(inner, round_offset=0, round_timeout_s=1.0, observer=Recorder())
+    dead = [Message(Error(code=0, reason="ray worker died"), reply_to=_instruction(1))]
+    rounds.aggregate_train(1, dead)  # one silent round: the run goes on
+    rounds.aggregate_train(2, _honest(2))  # an answer resets the count
+    rounds.aggregate_train(3, dead)
+    with pytest.raises(NoRepliesError, match="rounds 3-4: no institution answered"):
+        rounds.aggregate_train(4, [])

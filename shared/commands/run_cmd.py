@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import secrets
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,22 @@ def run(args: argparse.Namespace) -> int:
     )
     if outcome.status != "finished:completed":
         print(f"error: run {outcome.run_id or '-'} {outcome.status}: {outcome.details}")
-        print(f"To continue it from its last completed round: add --run-name {config.federation.run_name} --resume")
-        return 1
+        again = " ".join(
+            part
+            for part in (
+                "fedchurn run",
+                shlex.quote(args.config) if args.config else None,
+                f"--federation {args.federation}",
+                f"--rounds {args.rounds}" if args.rounds is not None else None,
+                *(f"--set {shlex.quote(item)}" for item in args.set),
+                f"--out {shlex.quote(config.output_dir)}",
+                f"--run-name {config.federation.run_name} --resume",
+                f"--flwr-home {args.flwr_home}" if args.flwr_home else None,
+            )
+            if part
+        )
+        print(f"To continue it from its last completed round: {again}")
+        return 130 if outcome.status == "interrupted" else 1
     print(f"\nRun {outcome.run_id} ('{config.federation.run_name}') completed.")
     if summary_path.is_file():  # the SuperLink runs on this machine: show the results
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
