@@ -115,30 +115,11 @@ def _check_resources(config: FedChurnConfig) -> None:
         )
 
 
-def _descendants() -> list[int]:
-    """Process ids of every descendant of this process (Linux /proc; empty elsewhere)."""
-    tree: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [os.getpid()]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def stop_now(code: int = 130) -> None:
     """Exit at once: end every process this one started (Ray, Flower workers), by id, then this one."""
-    for pid in reversed(_descendants()):
+    from shared.processes import descendants
+
+    for pid in reversed(descendants(os.getpid())):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     os._exit(code)

@@ -61,3 +61,27 @@ def test_a_failed_connect_keeps_the_working_connection(tmp_path: Path) -> None:
     with pytest.raises(FedChurnError):
         federation_cmd.run(args)
     assert (home / FLWR_CONFIG_FILE).read_text() == before
+
+
+def test_the_app_bundle_holds_only_the_apps_code(tmp_path: Path) -> None:
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    for part in ("server", "clients", "shared"):
+        shutil.copytree(root / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "pyproject.toml", project / "pyproject.toml")
+    # What an operator's project folder collects: run outputs, saved configs, a key.
+    (project / "fedchurn-run").mkdir()
+    (project / "fedchurn-run" / "summary.json").write_text("{}")
+    (project / "fedchurn-run" / "rounds.jsonl").write_text("{}\n")
+    (project / "my-run.yaml").write_text("seed: 1\n")
+    (project / "notes.md").write_text("private\n")
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project))).namelist()
+    code = [n for n in names if n.split("/")[0] in ("server", "clients", "shared")]
+    assert code and all(n.endswith(".py") for n in code)
+    assert sorted(set(names) - set(code)) == [".info/CONTENT", "pyproject.toml"]

@@ -138,3 +138,31 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> No
     assert "Traceback" not in output and "stopping now" in output
     time.sleep(2)
     assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_stop_ends_the_started_process_and_its_children_and_nothing_else(tmp_path: Path, capsys) -> None:
+    from shared.cli import main
+
+    script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    ours = subprocess.Popen([sys.executable, "-c", script, "fedchurn-drill"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)  # someone else's process
+    try:
+        deadline = time.monotonic() + 10
+        while not _descendants(ours.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        children = _descendants(ours.pid)
+        assert children
+        (tmp_path / "bank.pid").write_text(f"{ours.pid}\n")
+        (tmp_path / "other.pid").write_text(f"{other.pid}\n")
+        assert main(["stop", str(tmp_path / "bank.pid"), "--grace", "5"]) == 0
+        ours.wait(timeout=10)
+        time.sleep(0.5)
+        assert [pid for pid in children if _alive(pid)] == []
+        assert not (tmp_path / "bank.pid").exists()
+        assert main(["stop", str(tmp_path / "other.pid")]) == 1
+        assert "left alone" in capsys.readouterr().out and other.poll() is None
+    finally:
+        for process in (ours, other):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
