@@ -119,14 +119,32 @@ def test_ctrl_c_stops_after_a_checkpointed_round_and_prints_the_resume_command(t
     assert audit.returncode == 0, (audit.stdout + audit.stderr)[-3000:]
 
 
+def _wait_for_train_records(out: Path, process: subprocess.Popen[str], server_round: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    rounds = out / "rounds.jsonl"
+    while time.monotonic() < deadline:
+        if rounds.is_file() and any(
+            json.loads(line).get("round") == server_round and json.loads(line).get("phase") == "train"
+            for line in rounds.read_text().splitlines()
+            if line.strip()
+        ):
+            return
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"round {server_round}'s training was not recorded within {timeout_s} s")
+
+
 @pytest.mark.slow
-def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> None:
+def test_a_second_ctrl_c_exits_at_once_and_the_abandoned_round_is_in_the_ledgers_once(tmp_path: Path) -> None:
+    """Stopped in round 2's evaluate phase (its training already in the consortium ledger), then resumed: the
+    round is trained again, and `fedchurn audit` passes every bank (before: the ledger kept round 2 twice)."""
     out = tmp_path / "run"
     process = _simulate(out)
     try:
-        children = _wait_for_round(out, process, 1, timeout_s=300)
+        _wait_for_round(out, process, 1, timeout_s=300)
+        _wait_for_train_records(out, process, 2, timeout_s=300)
         process.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        children = _descendants(process.pid)
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
@@ -138,6 +156,23 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path: Path) -> No
     assert "Traceback" not in output and "stopping now" in output
     time.sleep(2)
     assert [pid for pid in children if _alive(pid)] == []
+    completed = json.loads((out / "checkpoints" / "server-state.json").read_text())["round"]
+    ledger = [json.loads(line)["record"] for line in (out / "consortium_ledger.jsonl").read_text().splitlines()]
+    interrupted = any(record.get("round", 0) > completed for record in ledger)  # usually: round 2 trained, not done
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "shared.cli", "simulate", f"{out}/config.yaml", "--set", "federation.resume=true"]
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert bool(list(out.glob("consortium_ledger.abandoned-*.jsonl"))) == interrupted  # the first attempt, aside
+    audit = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "audit", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert audit.returncode == 0, (audit.stdout + audit.stderr)[-3000:]
 
 
 def test_stop_ends_the_started_process_and_its_children_and_nothing_else(tmp_path: Path, capsys) -> None:
