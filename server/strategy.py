@@ -160,11 +160,9 @@ class EncoderAggregation:
         return super().aggregate_evaluate(server_round, [self._weighted(r) for r in accepted])  # type: ignore[misc,no-any-return]
 
     def _weighted(self, reply: Reply) -> Message:
-        """The reply's message with its weight capped at ``max_examples`` (what the aggregate uses)."""
+        """The reply's message carrying its checked metrics and its capped weight (what the aggregate uses)."""
         message = reply.message
-        message.content[METRICS_KEY] = MetricRecord(
-            {**{k: v for k, v in reply.metrics.items()}, WEIGHT_KEY: reply.weight}
-        )
+        message.content[METRICS_KEY] = MetricRecord({**reply.metrics, WEIGHT_KEY: reply.weight})
         return message
 
     def _norms(self, accepted: list[Reply]) -> dict[str, float]:
