@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +15,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.privacy_oversight import PrivacyOversight
 from server.report import RunRecorder
-from server.resume import ResumableRun
+from server.resume import ResumableRun, check_new_run_folder
 from server.strategy import make_strategy
 from shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
 from shared.data import derive_seed, resolve_schema
+from shared.errors import FedChurnError
 from shared.model import build_model, encoder_arrays, save_encoder_checkpoint
 from shared.provenance import library_versions, load_checked_encoder
 from shared.sharing import initial_shared_arrays, save_global_head, split_shared
@@ -37,38 +39,67 @@ def initial_encoder(config: FedChurnConfig, feature_names: tuple[str, ...]) -> d
     return encoder_arrays(build_model(config.model, input_dim=len(feature_names)))
 
 
-def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[str, Any]:
-    """Run every round and write the run's artifacts; returns the summary."""
+def run_federation(
+    grid: Grid,
+    config: FedChurnConfig,
+    *,
+    run_id: int,
+    members: Mapping[int, str] | None = None,
+    refuse_existing: bool = True,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Run every round and write the run's artifacts; returns the summary.
+
+    A new run (not ``federation.resume``) refuses an ``output_dir`` holding an earlier run unless
+    ``refuse_existing`` is False (``fedchurn simulate --overwrite`` decides that itself). When ``stop`` is set
+    the run ends after the round under way, once it is checkpointed (:class:`server.resume.RunInterrupted`).
+
+    ``members`` maps each node id to the institution registered for it (a simulation's partitions); by default
+    the config's ``federation.members``. Without either, replies are taken at their word, with a warning.
+    """
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    if refuse_existing and not config.federation.resume:
+        check_new_run_folder(output_dir)
     feature_names = resolve_schema(config.data).feature_names
     encoder = initial_encoder(config, feature_names)
-    # Read before the recorder truncates rounds.jsonl: the checkpoint to continue from (federation.resume).
+    # Read and check everything a resume needs before anything in the folder is written (the recorder truncates
+    # rounds.jsonl): a bad checkpoint is refused, naming the file, with the folder as it was.
     resumable = ResumableRun.prepare(config, output_dir, flower_run_id=run_id)
+    resumable.stop = stop
+    start_arrays = resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
     run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
 
     recorder = RunRecorder(output_dir, rounds=config.rounds)
+    if members is None and config.federation.members:
+        members = {int(node): name for node, name in config.federation.members.items()}
+    if members is None:
+        logger.warning(
+            "no member registry (federation.members): replies are attributed to the institution they name; "
+            "register each bank's key with fedchurn federation register ... --institution NAME"
+        )
     strategy = make_strategy(
         config.strategy,
         observer=recorder,
         min_available=config.strategy.min_replies,
         transfer_mode=config.transfer.mode,
+        members=members,
     )
-    oversight = PrivacyOversight(config, output_dir, run_id=run_identity)  # declines, consortium ledger, institution DP
+    oversight = PrivacyOversight(
+        config, output_dir, run_id=run_identity, completed_round=resumable.completed_before
+    )  # declines, consortium ledger, institution DP
     result = resumable.attach(recorder, oversight.wrap(strategy)).start(
         grid=grid,
-        initial_arrays=to_array_record(
-            resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
-        ),
+        initial_arrays=to_array_record(start_arrays),
         num_rounds=resumable.remaining_rounds,
         timeout=config.strategy.round_timeout_s,
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
         evaluate_fn=resumable.round_finished,  # the recorder's end of round, then the server checkpoint
     )
-    final = from_array_record(result.arrays) if len(result.arrays) else resumable.arrays_or(encoder)
+    final = from_array_record(result.arrays) if len(result.arrays) else start_arrays
     final, global_head = split_shared(final)  # the head is shared only in transfer.mode 'fedavg'
     if global_head:
         save_global_head(output_dir, global_head)
@@ -109,14 +140,26 @@ def run_federation(grid: Grid, config: FedChurnConfig, *, run_id: int) -> dict[s
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used."""
+def make_server_app(
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    members: Mapping[int, str] | None = None,
+    stop: threading.Event | None = None,
+) -> ServerApp:
+    """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used.
+    ``members``: node id -> institution, filled by the simulation as it creates its nodes; ``stop``: set to end
+    the run after the round under way (the simulation's Ctrl-C)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
-        run_federation(grid, config, run_id=context.run_id)
+        # A simulation (run_config bound) checks its folder (simulate --overwrite) and its outcome itself.
+        real = run_config is None
+        summary = run_federation(grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop)
+        if real and not summary["institutions"]:
+            reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
+            raise FedChurnError(f"no institution completed a round ({reasons or 'no replies'})")
 
     return app
 

@@ -21,7 +21,8 @@ import datetime
 import json
 import logging
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
+from server.reply_checks import check_member
 from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
 from shared.config import FedChurnConfig
 from shared.decline import EVALUATION_WITHHELD, Decline, is_decline, read_decline
-from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, SignedHash
+from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, LedgerError, SignedHash
 from shared.ledger_signing import (
     CONSORTIUM_KEY_FILE,
     COUNTERSIGNATURE_FIELD,
@@ -41,7 +43,7 @@ from shared.ledger_signing import (
     load_or_create_signer,
     parse_wire,
 )
-from shared.wire import CONFIG_KEY, WEIGHT_KEY
+from shared.wire import CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
@@ -57,6 +59,40 @@ __all__ = ["CONSORTIUM_LEDGER_FILE", "DeclineScreen", "PrivacyOversight"]
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def set_aside_abandoned_rounds(path: Path, *, completed_round: int) -> Path | None:
+    """Before a resumed run re-runs round ``completed_round + 1``: move the chain's tail from the first record of a
+    later round (the interrupted attempt) to ``<name>.abandoned-<time>.jsonl`` next to it, so every round is in the
+    ledger once and nothing is lost. A prefix of a hash chain is a valid chain. Returns the side file, if any."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = len(lines)
+    for index, line in enumerate(lines):
+        try:
+            record = json.loads(line).get("record", {})
+            server_round = int(record.get("round", 0)) if isinstance(record, dict) else 0
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            raise LedgerError(f"{path}, line {index + 1}: not a ledger entry; cannot resume onto it") from None
+        if server_round > completed_round:
+            cut = index
+            break
+    if cut == len(lines):
+        return None
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    side = path.with_name(f"{path.stem}.abandoned-{stamp}.jsonl")
+    side.write_text("".join(lines[cut:]), encoding="utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(lines[:cut]), encoding="utf-8")
+    os.replace(temporary, path)
+    logger.warning(
+        "resuming after round %d: %d consortium ledger records of the interrupted round moved to %s",
+        completed_round,
+        len(lines) - cut,
+        side.name,
+    )
+    return side
 
 
 class DeclineScreen(Strategy):
@@ -82,13 +118,11 @@ class DeclineScreen(Strategy):
             if not is_decline(message):
                 others.append(message)
                 continue
-            name = reply_institution(message)
-            decline = read_decline(message)
+            name, decline = self._read(message)
             if not isinstance(decline, str) and decline.reason == EVALUATION_WITHHELD:
                 decline = "'evaluation-withheld' answers an evaluate request, not a training round"
             if name is None or isinstance(decline, str):
-                reason = decline if isinstance(decline, str) else "a decline that names no institution"
-                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
+                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", str(decline)))
             else:
                 declines.append((name, decline))
         self.oversight.on_declines(server_round, sorted(declines, key=lambda item: item[0]), malformed)
@@ -108,8 +142,7 @@ class DeclineScreen(Strategy):
             if not is_decline(message):
                 others.append(message)
                 continue
-            name = reply_institution(message)
-            decline = read_decline(message)
+            name, decline = self._read(message)
             if name is None or isinstance(decline, str) or decline.reason != EVALUATION_WITHHELD:
                 reason = decline if isinstance(decline, str) else "not an acceptable evaluate decline"
                 malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
@@ -118,6 +151,16 @@ class DeclineScreen(Strategy):
         self.oversight.on_withheld(server_round, sorted(withheld), malformed)
         return self.strategy.aggregate_evaluate(server_round, others)
 
+    def _read(self, message: Message) -> tuple[str | None, Decline | str]:
+        """Who declines and why, or why this decline is refused (malformed, or from a node registered otherwise)."""
+        try:
+            name = reply_institution(message)
+            if name is None:
+                return None, "a decline that names no institution"
+            return name, check_member(message, name, self.oversight.members) or read_decline(message)
+        except Exception as exc:  # a reply must never crash the server, whatever it holds
+            return None, f"unreadable decline ({type(exc).__name__})"
+
     def summary(self) -> None:
         self.strategy.summary()
 
@@ -125,11 +168,15 @@ class DeclineScreen(Strategy):
 class PrivacyOversight:
     """Round observer in front of the run recorder; see the module docstring."""
 
-    def __init__(self, config: FedChurnConfig, output_dir: Path, *, run_id: int | str) -> None:
+    def __init__(
+        self, config: FedChurnConfig, output_dir: Path, *, run_id: int | str, completed_round: int = 0
+    ) -> None:
         self.config = config
         self.run_id = run_id
         # A resumed run continues its chain and remembers who already stopped; a new run starts both afresh.
         resuming = config.federation.resume
+        if resuming:
+            set_aside_abandoned_rounds(output_dir / CONSORTIUM_LEDGER_FILE, completed_round=completed_round)
         self.ledger = JsonlChain(output_dir / CONSORTIUM_LEDGER_FILE, fresh=not resuming)
         self.declines: list[dict[str, Any]] = []
         self.stopped: dict[str, dict[str, Any]] = {}  # institution -> its first decline
@@ -154,10 +201,12 @@ class PrivacyOversight:
             if isinstance(bank, dict) and isinstance(bank.get("public-key"), str):
                 self.bank_keys.setdefault(str(entry.record.get("institution")), bank["public-key"])
         self._pending: dict[int, SignedHash] = {}  # node id -> countersignature to send in its next message
+        self.members: Mapping[int, str] | None = None  # node id -> registered institution, from the strategy
 
     def wrap(self, strategy: EncoderAggregation) -> Strategy:
         """The strategy to run: declines screened, replies observed here, institution-level DP when configured."""
         self._forward = strategy.observer
+        self.members = strategy.members
         strategy.observer = self
         inner: Strategy = strategy  # type: ignore[assignment]
         if self.config.institution_dp.enabled:
@@ -173,7 +222,7 @@ class PrivacyOversight:
     # --- RoundObserver ---------------------------------------------------------------------------
 
     def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
-        self._weights[server_round] = [reply.metrics[WEIGHT_KEY] for reply in accepted]
+        self._weights[server_round] = [reply.weight for reply in accepted]  # as aggregated (capped)
         for reply in accepted:
             record = {"kind": "train", "round": server_round, "institution": reply.institution, **reply.metrics}
             self._append({**record, **self._countersign(reply)})

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,39 @@ STRATEGY_STATE_ATTRIBUTES = ("m_t", "v_t")
 # Config sections that may differ between an interrupted run and its resumption; everything else must match.
 RESUMABLE_CHANGES = ("rounds", "output_dir", "federation", "simulation")
 ROUNDS_FILE = "rounds.jsonl"
+SILENT_ROUNDS = 2  # rounds in a row without a single answer before the run stops with an error
+
+
+# Files only a run writes: a folder holding one of them holds an earlier run.
+RUN_MARKERS = ("summary.json", ROUNDS_FILE, "consortium_ledger.jsonl", CHECKPOINT_DIR)
 
 
 class ResumeError(FedChurnError):
     """An interrupted run cannot be continued consistently."""
+
+
+class NoRepliesError(FedChurnError):
+    """Round after round, no institution answered."""
+
+
+class RunInterrupted(FedChurnError):
+    """The run was asked to stop (Ctrl-C); it stopped after a completed, checkpointed round."""
+
+    def __init__(self, completed_round: int) -> None:
+        super().__init__(f"stopped on request after round {completed_round}, which is checkpointed")
+        self.completed_round = completed_round
+
+
+def check_new_run_folder(output_dir: Path) -> None:
+    """A new run never writes into the folder of an earlier one (its results and hash-chained ledger)."""
+    earlier = [marker for marker in RUN_MARKERS if (output_dir / marker).exists()]
+    if earlier:
+        raise ConfigError(
+            "output_dir",
+            str(output_dir),
+            f"already holds an earlier run ({', '.join(earlier)})",
+            "choose another folder (--out), or continue that run with --run-name NAME --resume",
+        )
 
 
 def strategy_state_path(output_dir: Path, server_round: int) -> Path:
@@ -141,10 +171,9 @@ def load_resume_point(config: FedChurnConfig, output_dir: Path) -> ResumePoint |
         return None
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResumeError(f"{path} is unreadable ({exc}); cannot resume") from None
-    if state.get("format") != STATE_FORMAT:
-        raise ResumeError(f"{path} has format {state.get('format')!r}; this version reads format {STATE_FORMAT}")
+    _check_state(path, state)
     if state["run_name"] != config.federation.run_name:
         raise ConfigError(
             "federation.run_name",
@@ -168,22 +197,74 @@ def load_resume_point(config: FedChurnConfig, output_dir: Path) -> ResumePoint |
     for needed in (encoder_path, strategy_path):
         if not needed.is_file():
             raise ResumeError(f"{needed} is missing: the checkpoint of round {completed} is incomplete")
-    with np.load(strategy_path, allow_pickle=False) as data:
-        strategy = {key: data[key] for key in data.files}
+    strategy = _load_finite_arrays(strategy_path)
+    arrays = _load_finite_arrays(encoder_path)
     rounds_path = output_dir / ROUNDS_FILE
     lines: list[str] = []
     if rounds_path.is_file():
-        for line in rounds_path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and int(json.loads(line).get("round", 0)) <= completed:
+        for number, line in enumerate(rounds_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                server_round = int(json.loads(line).get("round", 0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                raise ResumeError(f"{rounds_path}, line {number}: not a round record; cannot resume") from None
+            if server_round <= completed:
                 lines.append(line)
     logger.warning("resuming run %r after round %d of %d", state["run_name"], completed, config.rounds)
     return ResumePoint(
         completed_round=completed,
-        arrays=load_round(encoder_path),
+        arrays=arrays,
         strategy=strategy,
         records=state["records"],
         round_lines=lines,
     )
+
+
+def _check_state(path: Path, state: Any) -> None:
+    """The server-state file has the fields, of the types, that resuming reads; else ResumeError naming it."""
+    problem = None
+    if not isinstance(state, dict):
+        problem = "not a JSON object"
+    elif state.get("format") != STATE_FORMAT:
+        problem = f"format {state.get('format')!r}; this version reads format {STATE_FORMAT}"
+    elif not isinstance(state.get("round"), int) or isinstance(state.get("round"), bool) or state["round"] < 1:
+        problem = f"'round' must be a round number >= 1, got {state.get('round')!r}"
+    elif not isinstance(state.get("run_name"), (str, int)) or not isinstance(state.get("fingerprint"), str):
+        problem = "'run_name' or 'fingerprint' is missing"
+    else:
+        records = state.get("records")
+        needed = {"latest": dict, "trained": dict, "dropped": list, "completed_rounds": int, "round_seconds": list}
+        if not isinstance(records, dict) or any(not isinstance(records.get(k), t) for k, t in needed.items()):
+            problem = f"'records' must hold {', '.join(needed)}"
+        elif not all(isinstance(v, dict) for v in records["latest"].values()):
+            problem = "'records.latest' must map each institution to its metrics"
+    if problem:
+        raise ResumeError(f"{path} is not a valid server checkpoint ({problem}); cannot resume")
+
+
+def _load_finite_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A checkpointed ``.npz`` of finite floating-point arrays; ResumeError naming the file otherwise."""
+    try:
+        arrays = load_round(path)
+    except Exception as exc:  # a corrupt or truncated archive: numpy raises several kinds
+        raise ResumeError(f"{path} is unreadable ({type(exc).__name__}: {exc}); cannot resume") from None
+    for key, value in arrays.items():
+        if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+            raise ResumeError(f"{path}: array {key!r} is not finite floating point; cannot resume from it")
+    return arrays
+
+
+def check_resumed_arrays(path: Path, arrays: Mapping[str, np.ndarray], fresh: Mapping[str, Any]) -> None:
+    """The checkpointed arrays have exactly the keys and shapes this config's model has."""
+    missing, unexpected = sorted(set(fresh) - set(arrays)), sorted(set(arrays) - set(fresh))
+    if missing or unexpected:
+        raise ResumeError(f"{path} does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key, value in fresh.items():
+        if tuple(arrays[key].shape) != tuple(np.shape(value)):
+            raise ResumeError(
+                f"{path}: {key!r} has shape {tuple(arrays[key].shape)}, this model's is {tuple(np.shape(value))}"
+            )
 
 
 # --- the round offset and missing replies -----------------------------------------------------------
@@ -204,6 +285,7 @@ class ResumableRounds(Strategy):
         self.missing_observer = observer  # the run recorder: records what never came back
         self._sent: list[Message] = []
         self._node_names: dict[int, str] = {}
+        self._silent_rounds = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -216,7 +298,20 @@ class ResumableRounds(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept = self._screen_unreachable(server_round + self.round_offset, "train", list(replies))
-        return self.strategy.aggregate_train(server_round + self.round_offset, kept)
+        result = self.strategy.aggregate_train(server_round + self.round_offset, kept)
+        self._check_silence(server_round + self.round_offset, kept)
+        return result
+
+    def _check_silence(self, server_round: int, kept: list[Message]) -> None:
+        """Stop, with a clear error, after ``SILENT_ROUNDS`` rounds in a row where no institution answered at all
+        (no reply, or only error replies): every node is gone, e.g. the Ray cluster of a simulation died."""
+        self._silent_rounds = 0 if any(not reply.has_error() for reply in kept) else self._silent_rounds + 1
+        if self._silent_rounds >= SILENT_ROUNDS:
+            raise NoRepliesError(
+                f"rounds {server_round - SILENT_ROUNDS + 1}-{server_round}: no institution answered (no reply, or "
+                "only errors). Are the SuperNodes, or the Ray cluster of a simulation, still up? The run can be "
+                "resumed from its last completed round"
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -291,6 +386,7 @@ class ResumableRun:
     recorder: Any = None
     strategy: Any = None
     on_round: list[Callable[[int], None]] = field(default_factory=list)  # hooks (tests, progress)
+    stop: threading.Event | None = None  # set (Ctrl-C): stop after the round under way is checkpointed
 
     @classmethod
     def prepare(cls, config: FedChurnConfig, output_dir: Path, *, flower_run_id: int) -> ResumableRun:
@@ -310,8 +406,13 @@ class ResumableRun:
         return self.config.rounds - self.completed_before
 
     def arrays_or(self, fresh: Mapping[str, Any]) -> dict[str, Any]:
-        """The arrays to start from: the checkpointed ones when resuming, else ``fresh``."""
-        return dict(self.point.arrays) if self.point is not None else dict(fresh)
+        """The arrays to start from: the checkpointed ones when resuming (checked against ``fresh``), else
+        ``fresh``."""
+        if self.point is None:
+            return dict(fresh)
+        path = round_checkpoint_path(self.output_dir, self.point.completed_round)
+        check_resumed_arrays(path, self.point.arrays, fresh)
+        return dict(self.point.arrays)
 
     def attach(self, recorder: Any, strategy: Any) -> Any:
         self.recorder = recorder
@@ -322,7 +423,18 @@ class ResumableRun:
             observer=recorder,
         )
         if self.point is not None:
-            recorder.restore_state(self.point.records, self.point.round_lines)
+            try:
+                recorder.restore_state(self.point.records, self.point.round_lines)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ResumeError(
+                    f"{state_path(self.output_dir)}: its records cannot be restored ({exc!r}); cannot resume"
+                ) from None
+            path = strategy_state_path(self.output_dir, self.point.completed_round)
+            for name, array in self.point.strategy.items():
+                key = name.split("/", 2)[-1]
+                reference = self.point.arrays.get(key)
+                if reference is None or array.shape != reference.shape:
+                    raise ResumeError(f"{path}: {name!r} does not match the checkpointed encoder; cannot resume")
             restore_strategy_state(self.strategy, self.point.strategy)
         return self.strategy
 
@@ -334,6 +446,8 @@ class ResumableRun:
             self.checkpoint(absolute)
             for hook in self.on_round:
                 hook(absolute)
+            if self.stop is not None and self.stop.is_set() and absolute < self.config.rounds:
+                raise RunInterrupted(absolute)
         return result  # type: ignore[no-any-return]
 
     def checkpoint(self, server_round: int) -> None:

@@ -7,8 +7,9 @@ seed gives the same encoder), and tell an observer what each institution reporte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,23 +17,48 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
+from server.reply_checks import (
+    check_config_records,
+    check_encoder_update,
+    check_member,
+    check_metrics,
+    relative_bounds,
+    reply_institution,
+    update_norm,
+)
 from shared.config import StrategyConfig
+from shared.errors import FedChurnError
 from shared.transfer import outside_mode, replies_carry_arrays
 from shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE_METRICS,
     IDENTITY_KEY,
-    INSTITUTION_FIELD,
     METRICS_KEY,
     TRAIN_METRICS,
     WEIGHT_KEY,
     from_array_record,
+    to_array_record,
 )
 
+__all__ = [
+    "DroppedReply",
+    "EncoderAggregation",
+    "Reply",
+    "RoundObserver",
+    "check_encoder_update",
+    "check_metrics",
+    "make_strategy",
+    "reply_institution",
+]
+
 logger = logging.getLogger(__name__)
+
+
+class TooFewNodesError(FedChurnError):
+    """Fewer institutions are online than a round needs, for longer than the round timeout."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +66,9 @@ class Reply:
     """A reply that passed validation."""
 
     institution: str
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # as reported (the consortium ledger records these)
     message: Message
+    weight: float  # the aggregation weight used: num-examples capped at strategy.max_examples
 
 
 @dataclass(frozen=True)
@@ -56,60 +83,23 @@ class RoundObserver(Protocol):
     def on_evaluate(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None: ...
 
 
-def reply_institution(message: Message) -> str | None:
-    content = message.content
-    if IDENTITY_KEY not in content.config_records:
-        return None
-    name = content.config_records[IDENTITY_KEY].get(INSTITUTION_FIELD)
-    return name if isinstance(name, str) and name else None
-
-
-def check_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> str | None:
-    """Why these reply metrics are unacceptable, or None."""
-    extra = sorted(set(metrics) - set(allowed))
-    if extra:
-        return f"metrics outside the whitelist: {extra}"
-    missing = sorted(set(allowed) - set(metrics))
-    if missing:
-        return f"metrics missing: {missing}"
-    weight = metrics[WEIGHT_KEY]
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
-    return None
-
-
-def check_encoder_update(
-    arrays: Mapping[str, np.ndarray],
-    reference: Mapping[str, np.ndarray],
-    *,
-    max_update_norm: float | None,
-) -> str | None:
-    """Why an encoder sent back cannot be aggregated, or None. Pure numpy."""
-    missing = sorted(set(reference) - set(arrays))
-    unexpected = sorted(set(arrays) - set(reference))
-    if missing or unexpected:
-        return f"wrong keys (missing {missing}, unexpected {unexpected})"
-    squared = 0.0
-    for key, ref in reference.items():
-        value = arrays[key]
-        if value.shape != ref.shape:
-            return f"'{key}' has shape {value.shape}, expected {ref.shape}"
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"'{key}' has dtype {value.dtype}, expected floating point"
-        if not np.all(np.isfinite(value)):
-            return f"'{key}' holds non-finite values"
-        squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    if max_update_norm is not None and math.sqrt(squared) > max_update_norm:
-        return f"update norm {math.sqrt(squared):.4g} exceeds strategy.max_update_norm {max_update_norm:.4g}"
-    return None
-
-
 class EncoderAggregation:
-    """Mixin for a Flower strategy: validate, order and observe replies. Put it before the strategy class."""
+    """Mixin for a Flower strategy: validate, bound, order and observe replies. Put it before the strategy class.
+
+    Every reply is checked before use (``server/reply_checks.py``); a bad one is dropped with its reason and the
+    round goes on. Of the replies that pass: an update whose norm exceeds ``bound_multiplier`` × the median norm of
+    the other replies is scaled down to that bound, and each weight (``num-examples``) is capped at
+    ``max_examples`` and at ``bound_multiplier`` × the median weight of the others, so no single institution can
+    dominate the aggregate.
+    """
 
     observer: RoundObserver | None = None
     max_update_norm: float | None = None
+    bound_multiplier: float | None = None
+    max_examples: float | None = None
+    members: Mapping[int, str] | None = None  # node id -> registered institution (None: no registry)
     min_replies: int = 1
+    node_wait_s: float = 600.0  # how long a round waits for min_replies nodes to be online (round_timeout_s)
     transfer_mode: str = "finetune"  # shared/transfer.py: which arrays replies carry and what is aggregated
     _reference: dict[str, np.ndarray] | None = None
 
@@ -117,13 +107,33 @@ class EncoderAggregation:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._reference = from_array_record(arrays)  # what the institutions were sent this round
+        self._wait_for_nodes(server_round, grid)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._wait_for_nodes(server_round, grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc,no-any-return]
+
+    def _wait_for_nodes(self, server_round: int, grid: Grid) -> None:
+        """Flower waits for ``min_replies`` nodes without end; we wait at most ``node_wait_s``, then fail clearly."""
+        deadline = time.monotonic() + self.node_wait_s
+        while (online := len(list(grid.get_node_ids()))) < self.min_replies:
+            if time.monotonic() >= deadline:
+                raise TooFewNodesError(
+                    f"round {server_round}: {online} institution(s) online after {self.node_wait_s:g} s, fewer "
+                    f"than strategy.min_replies = {self.min_replies}. Start the missing SuperNodes (fedchurn "
+                    "federation nodes NAME shows who is online) or lower strategy.min_replies; the run can be "
+                    "resumed from its last completed round"
+                )
+            time.sleep(min(1.0, self.node_wait_s))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         with_arrays = replies_carry_arrays(self.transfer_mode)
-        accepted, dropped = self._screen(replies, allowed=TRAIN_METRICS, with_arrays=with_arrays)
+        accepted, dropped = self._screen(replies, allowed=TRAIN_METRICS, with_arrays=with_arrays, train=True)
         if self.observer is not None:
             self.observer.on_train(server_round, accepted, dropped)
         if len(accepted) < self.min_replies:
@@ -136,64 +146,124 @@ class EncoderAggregation:
             return None, None
         if not with_arrays:  # transfer.mode 'frozen': the encoder stays as sent, nothing to aggregate
             return None, None
-        return super().aggregate_train(server_round, [r.message for r in accepted])  # type: ignore[misc,no-any-return]
+        norms = self._norms(accepted)
+        bounds = relative_bounds(norms, self.bound_multiplier)
+        messages = [self._bounded(server_round, reply, norms, bounds) for reply in accepted]
+        return super().aggregate_train(server_round, messages)  # type: ignore[misc,no-any-return]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        accepted, dropped = self._screen(replies, allowed=EVALUATE_METRICS, with_arrays=False)
+        accepted, dropped = self._screen(replies, allowed=EVALUATE_METRICS, with_arrays=False, train=False)
         if self.observer is not None:
             self.observer.on_evaluate(server_round, accepted, dropped)
         if not accepted:
             return None
-        return super().aggregate_evaluate(server_round, [r.message for r in accepted])  # type: ignore[misc,no-any-return]
+        return super().aggregate_evaluate(server_round, [self._weighted(r) for r in accepted])  # type: ignore[misc,no-any-return]
+
+    def _weighted(self, reply: Reply) -> Message:
+        """The reply's message carrying its checked metrics and its capped weight (what the aggregate uses)."""
+        message = reply.message
+        message.content[METRICS_KEY] = MetricRecord({**reply.metrics, WEIGHT_KEY: reply.weight})
+        return message
+
+    def _norms(self, accepted: list[Reply]) -> dict[str, float]:
+        if self._reference is None or not self.bound_multiplier:
+            return {}
+        reference = self._reference
+        return {
+            r.institution: update_norm(from_array_record(r.message.content.array_records[ARRAYS_KEY]), reference)
+            for r in accepted
+        }
+
+    def _bounded(self, server_round: int, reply: Reply, norms: dict[str, float], bounds: dict[str, float]) -> Message:
+        """The reply's message, its weight capped and its update scaled down to this round's norm bound."""
+        message = self._weighted(reply)
+        if self._reference is None or reply.institution not in bounds:
+            return message
+        norm, bound = norms[reply.institution], bounds.get(reply.institution)
+        if bound is None or norm <= bound:
+            return message
+        scale = bound / norm
+        arrays = from_array_record(message.content.array_records[ARRAYS_KEY])
+        scaled = {
+            key: (ref + scale * (arrays[key].astype(np.float64) - ref)).astype(arrays[key].dtype)
+            for key, ref in ((k, v.astype(np.float64)) for k, v in self._reference.items())
+        }
+        message.content[ARRAYS_KEY] = to_array_record(scaled)
+        logger.warning(
+            "round %d: %s's update norm %.4g scaled down to %.4g (%g x the median norm of the other replies)",
+            server_round,
+            reply.institution,
+            norm,
+            bound,
+            self.bound_multiplier,
+        )
+        return message
 
     def _screen(
-        self, replies: Iterable[Message], *, allowed: tuple[str, ...], with_arrays: bool
+        self, replies: Iterable[Message], *, allowed: tuple[str, ...], with_arrays: bool, train: bool = True
     ) -> tuple[list[Reply], list[DroppedReply]]:
         accepted: dict[str, Reply] = {}
         dropped: list[DroppedReply] = []
         for message in replies:
-            name = reply_institution(message) if not message.has_error() else None
+            name = reply_institution(message)
             who = name or f"node {message.metadata.src_node_id}"
-            reason = self._problem(message, name, allowed=allowed, with_arrays=with_arrays)
+            try:
+                reason = self._problem(message, name, allowed=allowed, with_arrays=with_arrays, train=train)
+            except Exception as exc:  # a reply must never crash the server, whatever it holds
+                reason = f"unreadable reply ({type(exc).__name__})"
             if reason is None and name in accepted:
                 reason = "a second reply from the same institution in one round"
-            if reason is not None:
+            if reason is not None or name is None:  # _problem refuses a reply that names no institution
+                reason = reason or "no institution named"
                 logger.warning("dropping reply from %s: %s", who, reason)
                 dropped.append(DroppedReply(institution=who, reason=reason))
                 continue
-            metrics = {k: float(v) for k, v in message.content[METRICS_KEY].items()}  # type: ignore[union-attr,arg-type]
-            accepted[name] = Reply(institution=name, metrics=metrics, message=message)  # type: ignore[index,arg-type]
+            metrics = {str(k): float(v) for k, v in message.content[METRICS_KEY].items()}  # type: ignore[union-attr,arg-type]
+            accepted[name] = Reply(institution=name, metrics=metrics, message=message, weight=metrics[WEIGHT_KEY])
+        weights = self._capped_weights({name: reply.weight for name, reply in accepted.items()})
         # A fixed order makes floating-point sums, and so whole runs, reproducible.
-        return [accepted[name] for name in sorted(accepted)], dropped
+        return [dataclasses.replace(accepted[name], weight=weights[name]) for name in sorted(accepted)], dropped
+
+    def _capped_weights(self, reported: dict[str, float]) -> dict[str, float]:
+        """Each weight capped at ``max_examples`` and at ``bound_multiplier`` x the median weight of the others."""
+        weights = {
+            name: min(value, self.max_examples) if self.max_examples is not None else value
+            for name, value in reported.items()
+        }
+        bounds = relative_bounds(weights, self.bound_multiplier)
+        capped = {name: min(value, bounds.get(name, value)) for name, value in weights.items()}
+        for name, value in sorted(capped.items()):
+            if value < reported[name]:
+                logger.warning("%s reports %s = %.4g; weighted as %.4g", name, WEIGHT_KEY, reported[name], value)
+        return capped
 
     def _problem(
-        self, message: Message, name: str | None, *, allowed: tuple[str, ...], with_arrays: bool
+        self, message: Message, name: str | None, *, allowed: tuple[str, ...], with_arrays: bool, train: bool
     ) -> str | None:
         if message.has_error():
-            return f"the institution reported an error: {message.error.reason}"
+            return f"the institution reported an error: {str(message.error.reason)[:200]}"
         content = message.content
         if name is None:
             return f"no '{IDENTITY_KEY}' record naming the institution"
+        problem = check_member(message, name, self.members) or check_config_records(message, allow_ledger=train)
+        if problem:
+            return problem
         if set(content.metric_records) != {METRICS_KEY}:
-            return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)}"
+            return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)[:10]}"
         problem = check_metrics(content.metric_records[METRICS_KEY], allowed)
         if problem or not with_arrays:
             if problem is None and content.array_records:
-                return f"arrays sent where none are expected: {sorted(content.array_records)}"
+                return f"arrays sent where none are expected: {sorted(content.array_records)[:10]}"
             return problem
         if set(content.array_records) != {ARRAYS_KEY}:
-            return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)}"
+            return f"expected one array record '{ARRAYS_KEY}', got {sorted(content.array_records)[:10]}"
         if self._reference is None:
             return "no encoder was sent this round"
         arrays = from_array_record(content.array_records[ARRAYS_KEY])
         not_shared = outside_mode(list(arrays), self.transfer_mode)
         if not_shared:
             return f"unexpected {not_shared[:8]}: parameters that transfer.mode {self.transfer_mode!r} does not share"
-        return check_encoder_update(
-            arrays,
-            self._reference,
-            max_update_norm=self.max_update_norm,
-        )
+        return check_encoder_update(arrays, self._reference, max_update_norm=self.max_update_norm)
 
 
 class ValidatedFedAvg(EncoderAggregation, FedAvg):
@@ -208,12 +278,21 @@ class ValidatedFedAdam(EncoderAggregation, FedAdam):
     """Server-side Adam on the averaged encoder update."""
 
 
+class ValidatedFedMedian(EncoderAggregation, FedMedian):
+    """Coordinate-wise median of the encoders (unweighted): robust to a minority of arbitrary updates."""
+
+
+class ValidatedFedTrimmedAvg(EncoderAggregation, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (unweighted): the largest and smallest ``trim_fraction`` cut per coordinate."""
+
+
 def make_strategy(
     config: StrategyConfig,
     *,
     observer: RoundObserver | None,
     min_available: int,
     transfer_mode: str = "finetune",
+    members: Mapping[int, str] | None = None,
 ) -> EncoderAggregation:
     """The configured strategy, validating replies and reporting to ``observer``."""
     common: dict[str, Any] = {
@@ -227,7 +306,11 @@ def make_strategy(
         "weighted_by_key": WEIGHT_KEY,
     }
     strategy: EncoderAggregation
-    if config.name == "fedavg":
+    if config.name == "fedavg" and config.aggregation == "median":
+        strategy = ValidatedFedMedian(**common)
+    elif config.name == "fedavg" and config.aggregation == "trimmed_mean":
+        strategy = ValidatedFedTrimmedAvg(**common, beta=config.trim_fraction)
+    elif config.name == "fedavg":
         strategy = ValidatedFedAvg(**common)
     elif config.name == "fedprox":
         strategy = ValidatedFedProx(**common, proximal_mu=config.proximal_mu)
@@ -242,6 +325,10 @@ def make_strategy(
         )
     strategy.observer = observer
     strategy.max_update_norm = config.max_update_norm
+    strategy.bound_multiplier = config.bound_multiplier
+    strategy.max_examples = config.max_examples
+    strategy.members = members
     strategy.min_replies = config.min_replies
+    strategy.node_wait_s = config.round_timeout_s
     strategy.transfer_mode = transfer_mode
     return strategy

@@ -266,7 +266,12 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     min_replies: int = 1  # a round needs at least this many valid replies
     round_timeout_s: float = 600.0
-    max_update_norm: float | None = None  # drop a reply whose encoder moved further than this (L2)
+    # Robust aggregation (server/strategy.py, server/reply_checks.py): every reply is bounded before it is used.
+    max_update_norm: float | None = 1000.0  # drop a reply whose encoder moved further than this (L2); null: no cap
+    bound_multiplier: float | None = 3.0  # cap each norm and weight at this x the others' median; null: off
+    max_examples: float | None = 1.0e6  # cap on the num-examples weight a reply reports; null: no cap
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"  # median/trimmed_mean: strategy fedavg only
+    trim_fraction: float = 0.2  # trimmed_mean: fraction of values cut at each end of every coordinate
 
     def __post_init__(self) -> None:
         _require(self.proximal_mu >= 0.0, "strategy.proximal_mu", self.proximal_mu, "must be >= 0")
@@ -282,8 +287,25 @@ class StrategyConfig:
             _require(0.0 < value <= 1.0, f"strategy.{key}", value, "must be in (0, 1]")
         _require(self.min_replies >= 1, "strategy.min_replies", self.min_replies, "must be >= 1")
         _require(self.round_timeout_s > 0.0, "strategy.round_timeout_s", self.round_timeout_s, "must be > 0")
-        if self.max_update_norm is not None:
-            _require(self.max_update_norm > 0.0, "strategy.max_update_norm", self.max_update_norm, "must be > 0")
+        for key in ("max_update_norm", "bound_multiplier", "max_examples"):
+            value = getattr(self, key)
+            if value is not None:
+                _require(math.isfinite(value) and value > 0.0, f"strategy.{key}", value, "must be > 0 and finite")
+        if self.bound_multiplier is not None:
+            _require(self.bound_multiplier >= 1.0, "strategy.bound_multiplier", self.bound_multiplier, "must be >= 1")
+        _require(
+            self.aggregation in ("mean", "median", "trimmed_mean"),
+            "strategy.aggregation",
+            self.aggregation,
+            "must be mean, median or trimmed_mean",
+        )
+        _require(
+            self.aggregation == "mean" or self.name == "fedavg",
+            "strategy.aggregation",
+            self.aggregation,
+            f"median and trimmed_mean replace FedAvg's average: set strategy.name fedavg (got {self.name!r})",
+        )
+        _require(0.0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
 
 
 @dataclass(frozen=True)
@@ -419,8 +441,22 @@ class FederationConfig:
 
     run_name: str | None = None  # null: Flower's run id (a resubmitted run then starts every accountant afresh)
     resume: bool = False  # continue from the last completed round checkpointed in output_dir
+    # Node id (the SuperLink's, from the bank's registered key) -> the institution registered for it. `fedchurn run`
+    # fills it from `fedchurn federation register`; a reply naming another institution than its node's is refused.
+    members: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for node, name in self.members.items():
+            _require(
+                isinstance(node, str) and node.isdigit() and int(node) < 2**64,
+                "federation.members",
+                node,
+                "keys are node ids (unsigned integers, as text)",
+            )
+            _require(is_valid_institution_name(name), f"federation.members.{node}", name, INSTITUTION_NAME_RULE)
+        names = list(self.members.values())
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        _require(not duplicated, "federation.members", duplicated, "each institution is registered for one node")
         if self.run_name is not None and not is_valid_institution_name(self.run_name):
             raise ConfigError("federation.run_name", self.run_name, f"run names must be {INSTITUTION_NAME_RULE}")
         if self.resume and self.run_name is None:
@@ -646,6 +682,24 @@ def config_to_dict(config: FedChurnConfig) -> dict[str, Any]:
     return _plain(config)  # type: ignore[no-any-return]
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a config never needs ``*name``, and nested aliases (a "billion laughs") expand into
+    exponentially large values that hang the loader."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML safely (plain values only, no aliases)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: plain values only
+
+
 def load_config(path: str | Path) -> FedChurnConfig:
     """Read a YAML config. Relative data and checkpoint paths are taken relative to the file."""
     path = Path(path)
@@ -656,7 +710,7 @@ def load_config(path: str | Path) -> FedChurnConfig:
     except OSError as exc:
         raise ConfigError("(file)", str(path), f"cannot be read: {exc.strerror}") from None
     try:
-        values = yaml.safe_load(text)
+        values = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -747,6 +801,7 @@ def _is_free_mapping(section: list[str]) -> bool:
         ["data", "schema", "bounds"],
         ["budget", "institution_epsilon"],
         ["policy", "institutions"],
+        ["federation", "members"],
     )
 
 
@@ -851,6 +906,11 @@ strategy:
   name: fedavg               # fedavg | fedprox | fedadam
   min_replies: 1
   round_timeout_s: 600.0
+  max_update_norm: 1000.0    # drop a reply whose encoder update (L2) exceeds this (null: no absolute cap)
+  bound_multiplier: 3.0      # an update's norm and weight are capped at this x the median of the other replies
+  max_examples: 1000000.0    # cap on the num-examples weight a reply reports
+  aggregation: mean          # mean (weighted) | median | trimmed_mean (coordinate-wise; strategy fedavg only)
+  trim_fraction: 0.2         # trimmed_mean: fraction cut at each end of every coordinate
 simulation:
   ray_num_cpus: null         # local Ray bound to this many CPUs (null: all)
   client_num_cpus: 1.0
@@ -883,6 +943,7 @@ pretrain:                    # fedchurn pretrain: not private; for public or con
 federation:                  # fedchurn run on a real federation (deploy/README.md)
   run_name: null             # identity of the run at every bank; set it to be able to resume
   resume: false              # continue an interrupted run from its last completed round
+  members: {}                # node id -> institution; fedchurn run fills it from `fedchurn federation register`
 policy:                      # each SIMULATED bank's own policy (a real bank reads its file: node config `policy`)
   require_dp: false          # refuse rounds without DP
   min_noise_multiplier: 0.0  # refuse a given sigma below this (a sigma planned from target_epsilon is raised to it)

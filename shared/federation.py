@@ -18,10 +18,12 @@ key, unreachable address) before a Flower process starts. Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +38,7 @@ from typing import Any
 
 from shared.config import is_valid_institution_name
 from shared.errors import FedChurnError
+from shared.members import node_of_key, record_member
 from shared.pki import (
     CA_CERT,
     SERVER_CERT,
@@ -285,7 +288,9 @@ def write_connection(flwr_home: Path, name: str, *, address: str, ca_cert: Path,
     superlink[name] = {"address": address, "root-certificates": str(ca_cert.resolve())}
     if make_default or "default" not in superlink:
         superlink["default"] = name
-    path.write_text(tomli_w.dumps(values), encoding="utf-8")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(tomli_w.dumps(values), encoding="utf-8")
+    os.replace(temporary, path)  # never half a config.toml
     return path
 
 
@@ -345,9 +350,13 @@ def _json_tail(text: str) -> Any:
     return json.loads(text[start:])
 
 
-def register_node(flwr_home: Path, connection: str, public_key: Path, *, name: str | None = None) -> int | None:
+def register_node(
+    flwr_home: Path, connection: str, public_key: Path, *, name: str | None = None, node_id: int | None = None
+) -> int | None:
     """Register an institution's public key with the SuperLink: the node id it will have, or None when this key
-    is registered already (registering is idempotent)."""
+    is registered already (registering is idempotent). With ``name``, the node is recorded in the member
+    registry as that institution (``shared/members.py``); ``node_id`` names the node of a key the SuperLink
+    already knows but the registry does not."""
     check_node_public_key(public_key)
     conn = read_connection(flwr_home, connection)
     probe_superlink(conn.address, conn.ca_cert)
@@ -355,11 +364,22 @@ def register_node(flwr_home: Path, connection: str, public_key: Path, *, name: s
     if name:
         args += ["--name", name]
     result = _json_tail(run_flwr(args, flwr_home=flwr_home))
+    registered: int | None
     if not result.get("success") and "already in use" in str(result.get("error-message", "")):
-        return None
-    if not result.get("success"):
+        registered = None
+    elif not result.get("success"):
         raise FederationError(f"the SuperLink refused the key {public_key}: {result.get('error-message', result)}")
-    return int(result["node-id"])
+    else:
+        registered = int(result["node-id"])
+    if name:
+        node = registered if registered is not None else node_of_key(flwr_home, connection, public_key) or node_id
+        if node is None:
+            raise FederationError(
+                f"the SuperLink knows the key {public_key} already, but the member registry does not: give its node "
+                f"id (flwr supernode ls {connection}) with --node-id so its replies can be tied to {name!r}"
+            )
+        record_member(flwr_home, connection, node_id=node, institution=name, public_key=public_key)
+    return registered
 
 
 def list_nodes(flwr_home: Path, connection: str) -> list[dict[str, Any]]:
@@ -445,6 +465,14 @@ def submit_run(
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
             returncode = process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C: stop the run at the SuperLink (the round under way is abandoned; the last completed one is
+            # checkpointed). A second Ctrl-C exits at once, without a traceback.
+            signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+            if run_id is not None:
+                with contextlib.suppress(FederationError):
+                    run_flwr(["stop", str(run_id), connection], flwr_home=flwr_home)
+            return RunOutcome(run_id, "interrupted", "stopped on Ctrl-C; its last completed round is checkpointed")
         finally:
             if timer is not None:
                 timer.cancel()

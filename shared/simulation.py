@@ -10,6 +10,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from shared.data import UnbalancedSplitError, institution_names, prepare_institu
 from shared.errors import FedChurnError, SimulationError
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")
 
 # Set before Flower or Ray start: no telemetry, and never let a SuperLink pip-install the app's
 # dependencies at run time (that pulled a 5 GB CUDA torch onto a CPU machine).
@@ -114,6 +118,61 @@ def _check_resources(config: FedChurnConfig) -> None:
         )
 
 
+def stop_now(code: int = 130) -> None:
+    """Exit at once: end every process this one started (Ray, Flower workers), by id, then this one."""
+    from shared.processes import descendants
+
+    for pid in reversed(descendants(os.getpid())):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def _interruptible(stop: threading.Event) -> Iterator[None]:
+    """While the simulation runs, a first Ctrl-C asks the server to stop after the round under way (which is
+    then checkpointed); a second one ends everything at once, without a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            progress.warning("Interrupted again: stopping now. The last completed round is checkpointed.")
+            stop_now()
+        stop.set()
+        progress.warning(
+            "Interrupted: stopping after the round under way, once it is checkpointed (Ctrl-C again: stop now)."
+        )
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _recording_members(members: dict[int, str], institutions: tuple[str, ...]) -> Iterator[None]:
+    """While the simulation starts, record which institution each node Flower creates is: the partition id Flower
+    gives node ``i`` is ``i``, and the client app names partition ``i`` ``institutions[i]`` (clients/institution.py).
+    The server then refuses a reply naming another institution than its node's, as in a real federation."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    register = vce_api._register_nodes
+
+    def recording(num_nodes: int, state_factory: Any) -> dict[int, int]:
+        mapping = register(num_nodes, state_factory)
+        members.update({node: institutions[partition] for node, partition in mapping.items()})
+        return mapping
+
+    vce_api._register_nodes = recording  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = register
+
+
 def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run the planned federation and return the summary the server wrote."""
     quiet_environment()
@@ -144,14 +203,17 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
                 "num_gpus": config.simulation.client_num_gpus,
             },
         }
-        flower_run_simulation(
-            server_app=make_server_app(run_config),
-            client_app=make_client_app(run_config),
-            num_supernodes=len(plan.institutions),
-            backend_name="ray",
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        members: dict[int, str] = {}  # node id -> institution, known once Flower creates the nodes
+        stop = threading.Event()  # Ctrl-C: end after the round under way, once it is checkpointed
+        with _recording_members(members, plan.institutions), _interruptible(stop):
+            flower_run_simulation(
+                server_app=make_server_app(run_config, members=members, stop=stop),
+                client_app=make_client_app(run_config),
+                num_supernodes=len(plan.institutions),
+                backend_name="ray",
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     except FedChurnError:
         raise  # already says what is wrong and how to fix it
     except Exception as exc:

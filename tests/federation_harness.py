@@ -117,13 +117,16 @@ class Federation:
     def register(self, bank: str) -> None:
         register_node(self.flwr_home, CONNECTION, self.root / bank / "keys" / "node-auth.pub", name=bank)
 
-    def start_supernode(self, bank: str, *, max_wait_s: float = 300) -> subprocess.Popen[Any]:
+    def start_supernode(
+        self, bank: str, *, max_wait_s: float = 300, institution: str | None = None
+    ) -> subprocess.Popen[Any]:
+        """Start ``bank``'s SuperNode with its key and data; ``institution``: the name it claims (an impostor's)."""
         return self._start(
             bank,
             [
                 "supernode",
                 "--institution",
-                bank,
+                institution or bank,
                 "--superlink",
                 self.address,
                 "--ca",

@@ -207,8 +207,21 @@ def test_deploy_manifests_are_valid_yaml(path: Path) -> None:
         if "kind" in doc:
             assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), path
     if path.name == "compose.yaml":
-        assert {"superlink", "bank-01", "bank-02", "bank-03"} <= set(docs[0]["services"])
-        assert len(docs[0]["volumes"]) == 4
+        services = docs[0]["services"]
+        assert {"superlink", "bank-01", "bank-02", "bank-03"} <= set(services)
+        # Each runs as the owner of ./demo and writes only into bind-mounted folders of ./demo that user owns
+        # (a named volume would belong to the image's user); Flower's config folder is among them.
+        assert "volumes" not in docs[0]
+        for name, service in services.items():
+            assert service["user"].startswith("${FEDCHURN_UID"), name
+            assert service["environment"]["FLWR_HOME"].startswith("/state/"), name
+            assert all(mount.startswith("./demo/") for mount in service["volumes"]), name
+    if path.name == "raycluster.yaml":
+        head = docs[0]["spec"]["headGroupSpec"]
+        assert head["rayStartParams"]["include-dashboard"] == "false"
+        assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+        ports = [p["containerPort"] for c in head["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        assert 8265 not in ports
     if path.parts[0] == "k8s" and "supernode" in path.name:
         kinds = [d["kind"] for d in docs]
         assert kinds.count("Deployment") == 1 and kinds.count("PersistentVolumeClaim") == 2

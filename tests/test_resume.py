@@ -95,3 +95,92 @@ def test_resume_refuses_another_run_or_a_changed_config(runs: tuple[Path, Path])
         load_resume_point(changed, interrupted)
     with pytest.raises(ConfigError, match="already completed 2 rounds"):
         load_resume_point(_config(interrupted, rounds=1, resume=True), interrupted)
+
+
+def _copy(interrupted: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(interrupted, target)
+    return target
+
+
+def _resume_config(folder: Path):
+    return _config(folder, rounds=3, resume=True)
+
+
+@pytest.mark.parametrize("damage", ["nan", "garbage"])
+def test_a_bad_encoder_checkpoint_is_refused_naming_the_file(runs, tmp_path: Path, damage: str) -> None:
+    from server.resume import ResumeError
+
+    folder = _copy(runs[1], tmp_path)
+    path = folder / "checkpoints" / "encoder-round-0002.npz"
+    if damage == "nan":
+        arrays = dict(np.load(path))
+        first = sorted(arrays)[0]
+        arrays[first] = np.full_like(arrays[first], np.nan)
+        np.savez(path, **arrays)
+    else:
+        path.write_bytes(b"not an npz archive")
+    with pytest.raises(ResumeError, match="encoder-round-0002.npz"):
+        load_resume_point(_resume_config(folder), folder)
+
+
+def test_a_wrong_shape_encoder_is_refused_before_anything_is_written(runs, tmp_path: Path) -> None:
+    from server.resume import ResumableRun, ResumeError
+
+    folder = _copy(runs[1], tmp_path)
+    rounds_before = (folder / "rounds.jsonl").read_text()
+    resumable = ResumableRun.prepare(_resume_config(folder), folder, flower_run_id=1)
+    fresh = {key: np.zeros(value.shape) for key, value in resumable.point.arrays.items()}
+    wrong = sorted(fresh)[0]
+    fresh[wrong] = np.zeros((*fresh[wrong].shape, 2))
+    with pytest.raises(ResumeError, match=f"encoder-round-0002.npz: '{wrong}' has shape"):
+        resumable.arrays_or(fresh)
+    assert (folder / "rounds.jsonl").read_text() == rounds_before
+
+
+@pytest.mark.parametrize(
+    ("relative", "content", "match"),
+    [
+        ("checkpoints/server-state.json", '{"format": 1, "round": 2}', "server-state.json is not a valid"),
+        ("checkpoints/server-state.json", "[1, 2", "server-state.json is unreadable"),
+        ("checkpoints/strategy-round-0002.npz", "junk", "strategy-round-0002.npz is unreadable"),
+        ("rounds.jsonl", "{not json\n", "rounds.jsonl, line 1"),
+    ],
+)
+def test_every_bad_resume_input_is_refused_naming_the_file(
+    runs, tmp_path: Path, relative: str, content: str, match: str
+) -> None:
+    from server.resume import ResumeError
+
+    folder = _copy(runs[1], tmp_path)
+    (folder / relative).write_text(content)
+    with pytest.raises(ResumeError, match=match):
+        load_resume_point(_resume_config(folder), folder)
+
+
+def test_a_new_run_refuses_a_folder_holding_an_earlier_run(runs) -> None:
+    from server.resume import check_new_run_folder
+
+    with pytest.raises(ConfigError, match="already holds an earlier run"):
+        check_new_run_folder(runs[1])
+
+
+def test_the_interrupted_round_is_in_the_consortium_ledger_once(tmp_path: Path) -> None:
+    from server.privacy_oversight import set_aside_abandoned_rounds
+    from shared.ledger import JsonlChain
+
+    path = tmp_path / "consortium_ledger.jsonl"
+    chain = JsonlChain(path, fresh=True)
+    for server_round, bank in [(1, "a"), (1, "b"), (2, "a"), (2, "b")]:
+        chain.append({"kind": "train", "round": server_round, "institution": bank, "epsilon": 0.5})
+    # The server died in round 2's evaluate phase: round 2 is trained again after the resume.
+    side = set_aside_abandoned_rounds(path, completed_round=1)
+    kept = JsonlChain(path)
+    assert [(e.record["round"], e.record["institution"]) for e in kept.entries()] == [(1, "a"), (1, "b")]
+    assert kept.verify() == []
+    assert side is not None and len(side.read_text().splitlines()) == 2  # kept aside, not lost
+    kept.append({"kind": "train", "round": 2, "institution": "a", "epsilon": 0.7})
+    assert JsonlChain(path).verify() == [] and len(JsonlChain(path).entries()) == 3
+    assert set_aside_abandoned_rounds(path, completed_round=2) is None

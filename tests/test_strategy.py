@@ -74,7 +74,7 @@ def _grid() -> MagicMock:
 
 def test_weighted_average_of_valid_replies_and_each_bad_reply_dropped_with_reason() -> None:
     recorder = Recorder()
-    strategy = _strategy(recorder)
+    strategy = _strategy(recorder, bound_multiplier=None)  # the plain weighted mean, no relative bounds
     bad_shape = _arrays(1.0)
     bad_shape[KEYS[1]] = np.zeros((3,), dtype=np.float32)
     nan = _arrays(1.0)
@@ -122,6 +122,7 @@ def test_aggregation_does_not_depend_on_reply_order() -> None:
     ]
     first, _ = _strategy(Recorder()).aggregate_train(1, replies)
     second, _ = _strategy(Recorder()).aggregate_train(1, list(reversed(replies)))
+    assert not np.allclose(first[KEYS[0]].numpy(), 0.0)
     for key in KEYS:
         assert first[key].numpy().tobytes() == second[key].numpy().tobytes()
 
@@ -166,3 +167,169 @@ def test_fedprox_sends_proximal_mu() -> None:
     strategy = make_strategy(StrategyConfig(name="fedprox", proximal_mu=0.5), observer=None, min_available=1)
     messages = list(strategy.configure_train(1, to_array_record(_arrays(0.0)), ConfigRecord({}), _grid()))
     assert messages and all(m.content["config"]["proximal-mu"] == 0.5 for m in messages)
+
+
+def _honest(n: int = 3) -> list[Message]:
+    # Honest banks move every parameter by 0.9, 1.0, 1.1, ...: update norms about sqrt(8) each.
+    return [_reply(f"bank-{i}", _arrays(0.9 + 0.1 * i), _metrics(1.0)) for i in range(n)]
+
+
+def _mean_value(arrays) -> np.ndarray:
+    return np.concatenate([arrays[key].numpy().ravel() for key in KEYS])
+
+
+def test_defaults_bound_norms_and_weights() -> None:
+    config = StrategyConfig()
+    assert config.max_update_norm == 1000.0 and config.bound_multiplier == 3.0 and config.max_examples == 1.0e6
+    assert config.aggregation == "mean"
+
+
+def test_one_1e30_update_is_dropped_and_the_encoder_stays_honest() -> None:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    arrays, _ = strategy.aggregate_train(1, [*_honest(), _reply("mallory", _arrays(1e30), _metrics(1.0))])
+    values = _mean_value(arrays)
+    assert np.all(np.isfinite(values))
+    np.testing.assert_allclose(values, 1.0, rtol=1e-6)  # (0.9 + 1.0 + 1.1) / 3, hand-computed
+    assert [d.institution for d in recorder.dropped] == ["mallory"]
+    assert "exceeds strategy.max_update_norm" in recorder.dropped[0].reason
+
+
+def test_two_1e308_weights_cannot_overflow_or_dominate() -> None:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    poison = [_reply(f"mallory-{i}", _arrays(50.0), _metrics(1e308)) for i in range(2)]
+    arrays, _ = strategy.aggregate_train(1, [*_honest(), *poison])
+    values = _mean_value(arrays)
+    assert np.all(np.isfinite(values)) and np.all(values != 0.0)
+    # Hand-computed: each poisoned weight 1e308 is capped at 1e6, then at 3 x the median of the others' weights
+    # (1, 1, 1, 1e6 -> 1) = 3; each poisoned update (50 per parameter) is scaled to 3 x the median of the others'
+    # per-parameter moves (0.9, 1.0, 1.1, 50 -> 1.05) = 3.15 per parameter.
+    # (0.9 + 1.0 + 1.1 + 3 * 3.15 + 3 * 3.15) / (3 + 6) = 21.9 / 9
+    np.testing.assert_allclose(values, 21.9 / 9.0, rtol=1e-5)
+    assert {r.institution: r.weight for r in recorder.accepted}["mallory-0"] == 3.0
+    assert {r.institution: r.metrics["num-examples"] for r in recorder.accepted}["mallory-0"] == 1e308
+
+
+def test_median_aggregation_ignores_a_minority_of_poisoned_updates() -> None:
+    strategy = _strategy(Recorder(), aggregation="median")
+    poison = [_reply(f"mallory-{i}", _arrays(50.0), _metrics(1e308)) for i in range(2)]
+    arrays, _ = strategy.aggregate_train(1, [*_honest(), *poison])
+    # Coordinate-wise median of 0.9, 1.0, 1.1, 3.15, 3.15 (the poisoned ones scaled to the norm bound) = 1.1
+    np.testing.assert_allclose(_mean_value(arrays), 1.1, rtol=1e-6)
+
+
+def test_trimmed_mean_aggregation() -> None:
+    strategy = _strategy(Recorder(), aggregation="trimmed_mean", trim_fraction=0.2, bound_multiplier=None)
+    replies = [_reply(f"bank-{i}", _arrays(v), _metrics(1.0)) for i, v in enumerate([1.0, 2.0, 3.0, 4.0, 100.0])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(_mean_value(arrays), 3.0, rtol=1e-6)  # (2 + 3 + 4) / 3 after cutting 1 and 100
+
+
+def test_robust_aggregation_needs_fedavg() -> None:
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.aggregation"):
+        StrategyConfig(name="fedadam", aggregation="median")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({"train-loss": [1.0, 2.0]}, "must be one number, got list"),
+        ({"train-loss": float("nan")}, "must be finite"),
+        ({"steps": float("inf")}, "must be finite"),
+        ({"num-examples": float("inf")}, "must be finite"),
+        ({"num-examples": -3.0}, "positive number"),
+    ],
+)
+def test_malformed_metrics_are_dropped_never_raise(metrics: dict, expected: str) -> None:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    values = {**_metrics(1.0), **metrics}
+    arrays, _ = strategy.aggregate_train(1, [*_honest(2), _reply("mallory", _arrays(1.0), values)])
+    assert arrays is not None
+    assert [d.institution for d in recorder.dropped] == ["mallory"] and expected in recorder.dropped[0].reason
+
+
+def test_evaluate_with_a_list_valued_metric_does_not_raise() -> None:
+    from shared.wire import EVALUATE_METRICS
+
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    evaluated: dict[str, list] = {}
+    recorder.on_evaluate = lambda r, accepted, dropped: evaluated.update(accepted=accepted, dropped=dropped)
+    good = dict.fromkeys(EVALUATE_METRICS, 0.5)
+    bad = {**good, "auc": [0.1, 0.9]}
+    replies = [
+        Message(
+            RecordDict({"metrics": MetricRecord(good), "identity": identity_record("bank-a")}), reply_to=_instruction(1)
+        ),
+        Message(
+            RecordDict({"metrics": MetricRecord(bad), "identity": identity_record("bank-b")}), reply_to=_instruction(2)
+        ),
+    ]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and metrics["auc"] == 0.5
+    assert [d.institution for d in evaluated["dropped"]] == ["bank-b"]
+
+
+def test_extra_records_and_ledger_shape() -> None:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    extra = _reply("bank-x", _arrays(1.0), _metrics(1.0))
+    extra.content["debug"] = ConfigRecord({"path": "/secret"})
+    ledger_ok = _reply("bank-y", _arrays(1.0), _metrics(1.0))
+    ledger_ok.content["ledger"] = ConfigRecord({"record-hash": "ab" * 32, "signature": "s", "public-key": "k"})
+    ledger_long = _reply("bank-z", _arrays(1.0), _metrics(1.0))
+    ledger_long.content["ledger"] = ConfigRecord({"signature": "x" * 5000})
+    ledger_num = _reply("bank-w", _arrays(1.0), _metrics(1.0))
+    ledger_num.content["ledger"] = ConfigRecord({"signature": 3})
+    strategy.aggregate_train(1, [*_honest(2), extra, ledger_ok, ledger_long, ledger_num])
+    reasons = {d.institution: d.reason for d in recorder.dropped}
+    assert set(reasons) == {"bank-x", "bank-w", "bank-z"}
+    assert "unexpected config records ['debug']" in reasons["bank-x"]
+    assert "at most 4096" in reasons["bank-z"] and "at most 4096" in reasons["bank-w"]
+
+
+def test_registered_node_cannot_speak_for_another_institution() -> None:
+    recorder = Recorder()
+    strategy = make_strategy(
+        StrategyConfig(), observer=recorder, min_available=1, members={1: "bank-01", 2: "bank-02", 3: "bank-03"}
+    )
+    list(strategy.configure_train(1, to_array_record(_arrays(0.0)), ConfigRecord({}), _grid()))
+    genuine = _reply("bank-01", _arrays(1.0), _metrics(1.0), node=1)
+    impostor = _reply("bank-01", _arrays(9.0), _metrics(1.0), node=3)  # registered as bank-03
+    stranger = _reply("bank-09", _arrays(9.0), _metrics(1.0), node=42)
+    honest = _reply("bank-02", _arrays(1.0), _metrics(1.0), node=2)
+    arrays, _ = strategy.aggregate_train(1, [impostor, stranger, genuine, honest])
+    np.testing.assert_allclose(_mean_value(arrays), 1.0)
+    assert [r.institution for r in recorder.accepted] == ["bank-01", "bank-02"]
+    reasons = [d.reason for d in recorder.dropped]
+    assert any("registered as 'bank-03'" in r and "impersonation" in r for r in reasons)
+    assert any("node 42 is not in the member registry" in r for r in reasons)
+
+
+def test_too_few_nodes_online_is_a_clear_error_after_the_round_timeout() -> None:
+    import time
+
+    from server.strategy import TooFewNodesError
+
+    strategy = make_strategy(StrategyConfig(min_replies=3, round_timeout_s=0.3), observer=Recorder(), min_available=1)
+    started = time.monotonic()
+    with pytest.raises(TooFewNodesError, match="2 institution\\(s\\) online after 0.3 s"):
+        list(strategy.configure_train(1, to_array_record(_arrays(0.0)), ConfigRecord({}), _grid()))
+    assert 0.25 < time.monotonic() - started < 5.0
+
+
+def test_rounds_without_any_answer_stop_the_run() -> None:
+    from server.resume import NoRepliesError, ResumableRounds
+
+    inner = _strategy(Recorder())
+    rounds = ResumableRounds(inner, round_offset=0, round_timeout_s=1.0, observer=Recorder())
+    dead = [Message(Error(code=0, reason="ray worker died"), reply_to=_instruction(1))]
+    rounds.aggregate_train(1, dead)  # one silent round: the run goes on
+    rounds.aggregate_train(2, _honest(2))  # an answer resets the count
+    rounds.aggregate_train(3, dead)
+    with pytest.raises(NoRepliesError, match="rounds 3-4: no institution answered"):
+        rounds.aggregate_train(4, [])

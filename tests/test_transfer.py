@@ -213,7 +213,9 @@ def _reply(institution: str, arrays: dict | None, n: float) -> Message:
 def _strategy(mode: str, reference: dict):
     from unittest.mock import MagicMock
 
-    strategy = make_strategy(StrategyConfig(), observer=None, min_available=1, transfer_mode=mode)
+    # The plain weighted mean (no relative bounds), so the averages below are hand-computable.
+    config = StrategyConfig(bound_multiplier=None)
+    strategy = make_strategy(config, observer=None, min_available=1, transfer_mode=mode)
     grid = MagicMock()
     grid.get_node_ids.return_value = [7]
     list(strategy.configure_train(1, to_array_record(reference), __import__("flwr.app").app.ConfigRecord({}), grid))

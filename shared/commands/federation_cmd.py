@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.federation import default_flwr_home, list_nodes, register_node, wait_for_superlink, write_connection
+from shared.members import read_members
+from shared.pki import check_pem_certificate
 
 
 def register(commands: Any) -> None:
@@ -24,7 +26,12 @@ def register(commands: Any) -> None:
     reg = actions.add_parser("register", help="register an institution's public key (node authentication)")
     reg.add_argument("name", help="the connection's name")
     reg.add_argument("--key", required=True, help="the institution's node-auth.pub")
-    reg.add_argument("--institution", help="a label for the node in 'flwr supernode ls'")
+    reg.add_argument(
+        "--institution",
+        required=True,
+        help="the institution this key belongs to: replies from its node must carry this name",
+    )
+    reg.add_argument("--node-id", type=int, help="the node id of a key the SuperLink registered earlier")
     nodes = actions.add_parser("nodes", help="list the SuperLink's nodes and whether they are online")
     nodes.add_argument("name", help="the connection's name")
     demo = actions.add_parser("demo-data", help="write synthetic customer CSVs, one folder per bank (for a demo)")
@@ -44,13 +51,18 @@ def run(args: argparse.Namespace) -> int:
     action = args.federation_command
     if action == "connect":
         ca = Path(args.ca).expanduser().resolve()
-        path = write_connection(_flwr_home(args), args.name, address=args.address, ca_cert=ca)
+        # Check first, write after: a failed connect never replaces a working connection (or its CA).
+        check_pem_certificate(ca, "consortium CA certificate")
         wait_for_superlink(args.address, ca, wait_s=args.wait)
+        path = write_connection(_flwr_home(args), args.name, address=args.address, ca_cert=ca)
         print(f"Federation '{args.name}' -> {args.address} (TLS verified with {ca}); saved in {path}")
     elif action == "register":
-        node_id = register_node(_flwr_home(args), args.name, Path(args.key), name=args.institution)
-        label = args.institution or args.key
-        print(f"{label}: already registered" if node_id is None else f"{label}: registered as node {node_id}")
+        flwr_home = _flwr_home(args)
+        node_id = register_node(flwr_home, args.name, Path(args.key), name=args.institution, node_id=args.node_id)
+        members = read_members(flwr_home, args.name)
+        node_of = next(node for node, name in members.items() if name == args.institution)
+        state = "already registered" if node_id is None else "registered"
+        print(f"{args.institution}: {state} as node {node_of}; {len(members)} institution(s) in the member registry")
     elif action == "nodes":
         for node in list_nodes(_flwr_home(args), args.name):
             print(f"{node.get('node-id'):>22}  {node.get('status', '?'):<10}  since {node.get('online-at', 'N/A')}")

@@ -6,6 +6,8 @@ import argparse
 import datetime as dt
 import json
 import secrets
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from shared.config import (
     resolve_paths,
 )
 from shared.federation import default_flwr_home, submit_run
+from shared.members import read_members
 
 
 def register(commands: Any) -> None:
@@ -46,7 +49,8 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def resolve_federated_config(args: argparse.Namespace) -> FedChurnConfig:
+def resolve_federated_config(args: argparse.Namespace, members: Mapping[int, str]) -> FedChurnConfig:
+    """The run's config; ``members`` (node id -> institution, the registry) unless the config lists its own."""
     config = load_config(args.config) if args.config else default_config()
     overrides: dict[str, Any] = dict(parse_override(item) for item in args.set)
     if args.rounds is not None:
@@ -58,12 +62,25 @@ def resolve_federated_config(args: argparse.Namespace) -> FedChurnConfig:
         run_name = dt.datetime.now(dt.UTC).strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     overrides["federation.run_name"] = run_name
     overrides["federation.resume"] = bool(args.resume or config.federation.resume)
+    if not config.federation.members:
+        overrides["federation.members"] = {str(node): name for node, name in sorted(members.items())}
     return resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
 
 
 def run(args: argparse.Namespace) -> int:
-    config = resolve_federated_config(args)
     flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else default_flwr_home()
+    config = resolve_federated_config(args, read_members(flwr_home, args.federation))
+    if not config.federation.members:
+        print(
+            f"error: no institution is registered for federation '{args.federation}', so the server could not tell "
+            "which bank sent a reply. Register each bank's key with its name first: fedchurn federation register "
+            f"{args.federation} --key BANK/node-auth.pub --institution BANK"
+        )
+        return 1
+    if not config.federation.resume:
+        from server.resume import check_new_run_folder
+
+        check_new_run_folder(Path(config.output_dir))  # when the folder is on this machine; the server checks too
     verb = "Resuming" if config.federation.resume else "Starting"
     print(
         f"{verb} run '{config.federation.run_name}' on federation '{args.federation}': {config.rounds} rounds, "
@@ -80,11 +97,28 @@ def run(args: argparse.Namespace) -> int:
     )
     if outcome.status != "finished:completed":
         print(f"error: run {outcome.run_id or '-'} {outcome.status}: {outcome.details}")
-        print(f"To continue it from its last completed round: add --run-name {config.federation.run_name} --resume")
-        return 1
+        again = " ".join(
+            part
+            for part in (
+                "fedchurn run",
+                shlex.quote(args.config) if args.config else None,
+                f"--federation {args.federation}",
+                f"--rounds {args.rounds}" if args.rounds is not None else None,
+                *(f"--set {shlex.quote(item)}" for item in args.set),
+                f"--out {shlex.quote(config.output_dir)}",
+                f"--run-name {config.federation.run_name} --resume",
+                f"--flwr-home {args.flwr_home}" if args.flwr_home else None,
+            )
+            if part
+        )
+        print(f"To continue it from its last completed round: {again}")
+        return 130 if outcome.status == "interrupted" else 1
     print(f"\nRun {outcome.run_id} ('{config.federation.run_name}') completed.")
     if summary_path.is_file():  # the SuperLink runs on this machine: show the results
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not summary.get("institutions"):
+            print(f"error: no institution completed a round; reasons in {config.output_dir}/rounds.jsonl")
+            return 1
         from shared.commands.simulate import _format_table
 
         print(_format_table(summary))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime as dt
 import fnmatch
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +175,23 @@ def register(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.resume import RunInterrupted
     from shared.simulation import plan_simulation, run_simulation
 
     config = resolve_run_config(args)
-    check_output_dir(config, overwrite=args.overwrite)
+    if config.federation.run_name is None:  # a name makes the run resumable, with every institution's ε
+        name = dt.datetime.now(dt.UTC).strftime("sim-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        config = apply_overrides(config, {"federation.run_name": name})
+    if not config.federation.resume:
+        check_output_dir(config, overwrite=args.overwrite)
     plan = plan_simulation(config)
+    if config.strategy.min_replies > len(plan.institutions):
+        raise ConfigError(
+            "strategy.min_replies",
+            config.strategy.min_replies,
+            f"exceeds the {len(plan.institutions)} institutions of this simulation: no round could complete",
+            f"set it to at most {len(plan.institutions)}",
+        )
     privacy = config.privacy
     dp = (
         f"DP-SGD (C={privacy.clipping_norm}, "
@@ -197,7 +211,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("Institutions: " + ", ".join(plan.institutions))
         return 0
-    summary = run_simulation(plan, ray_address=args.ray_address, verbose=args.verbose)
+    try:
+        summary = run_simulation(plan, ray_address=args.ray_address, verbose=args.verbose)
+    except RunInterrupted as stopped:
+        out = plan.config.output_dir
+        print(f"\nStopped after round {stopped.completed_round} of {config.rounds}; it is checkpointed in {out}.")
+        print(f"To continue: fedchurn simulate {out}/config.yaml --set federation.resume=true")
+        return 130
     print()
     print(_format_table(summary))
     delta = config.privacy.delta
