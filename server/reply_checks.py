@@ -22,6 +22,12 @@ MAX_LEDGER_FIELD_CHARS = 4096
 MAX_NAME_CHARS = 128
 # Metrics that may be +inf by design (ε of a run without DP); every other metric must be finite.
 MAY_BE_INFINITE = frozenset({"epsilon"})
+# Evaluation figures computed from a bank's DP-noised histograms: NaN when the noise left a class empty (the figure
+# is undefined, not wrong). Nothing else may be NaN.
+MAY_BE_UNDEFINED = frozenset(
+    {"auc", "pr-auc", "val-auc", "brier", "ece", "loss", "mean-probability", "churn-rate", "kept-auc", "kept-ece"}
+    | {"kept-round"}
+)
 
 
 def _short(value: Any) -> str:
@@ -35,7 +41,10 @@ def is_number(value: Any) -> bool:
 
 
 def check_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> str | None:
-    """Why these reply metrics are unacceptable, or None: exactly ``allowed``, each one number, NaN never."""
+    """Why these reply metrics are unacceptable, or None: exactly ``allowed``, each one number.
+
+    NaN only for the figures of a noisy histogram (:data:`MAY_BE_UNDEFINED`).
+    """
     extra = sorted(str(key) for key in set(metrics) - set(allowed))
     if extra:
         return f"metrics outside the whitelist: {extra[:10]}"
@@ -47,6 +56,8 @@ def check_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> str |
         if not is_number(value):
             return f"metric '{key}' must be one number, got {type(value).__name__} {_short(value)}"
         number = float(value)
+        if math.isnan(number) and key in MAY_BE_UNDEFINED:
+            continue
         if math.isnan(number) or (math.isinf(number) and not (key in MAY_BE_INFINITE and number > 0)):
             return f"metric '{key}' must be finite, got {number!r}"
     weight = float(metrics[WEIGHT_KEY])

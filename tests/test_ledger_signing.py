@@ -186,7 +186,9 @@ def _reply(name: str, node: int, ledger: dict | None) -> Reply:
     if ledger is not None:
         content["ledger"] = ConfigRecord(ledger)
     sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    return Reply(institution=name, metrics={"num-examples": 10.0}, message=Message(content=content, reply_to=sent))
+    return Reply(
+        institution=name, metrics={"num-examples": 10.0}, message=Message(content=content, reply_to=sent), weight=10.0
+    )
 
 
 def test_server_countersigns_valid_records_and_refuses_hostile_ones(tmp_path: Path) -> None:

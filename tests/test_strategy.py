@@ -236,9 +236,9 @@ def test_robust_aggregation_needs_fedavg() -> None:
 @pytest.mark.parametrize(
     ("metrics", "expected"),
     [
-        ({"train-loss": [1.0, 2.0]}, "must be one number, got list"),
-        ({"train-loss": float("nan")}, "must be finite"),
-        ({"steps": float("inf")}, "must be finite"),
+        ({"epsilon": [1.0, 2.0]}, "must be one number, got list"),
+        ({"epsilon": float("nan")}, "must be finite"),
+        ({"noise-multiplier": float("inf")}, "must be finite"),
         ({"num-examples": float("inf")}, "must be finite"),
         ({"num-examples": -3.0}, "positive number"),
     ],
@@ -272,6 +272,25 @@ def test_evaluate_with_a_list_valued_metric_does_not_raise() -> None:
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None and metrics["auc"] == 0.5
     assert [d.institution for d in evaluated["dropped"]] == ["bank-b"]
+
+
+def test_evaluate_accepts_an_undefined_noisy_figure_but_no_other_nan() -> None:
+    from shared.wire import EVALUATE_METRICS
+
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    evaluated: dict[str, list] = {}
+    recorder.on_evaluate = lambda r, accepted, dropped: evaluated.update(accepted=accepted, dropped=dropped)
+    good = dict.fromkeys(EVALUATE_METRICS, 0.5)
+    undefined = {**good, "auc": float("nan")}  # the noise left a class empty at this bank: AUC undefined
+    hostile = {**good, "epsilon": float("nan")}  # never legitimately NaN
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord(m), "identity": identity_record(name)}), reply_to=_instruction(i))
+        for i, (name, m) in enumerate((("bank-a", good), ("bank-b", undefined), ("bank-c", hostile)), start=1)
+    ]
+    strategy.aggregate_evaluate(1, replies)
+    assert sorted(r.institution for r in evaluated["accepted"]) == ["bank-a", "bank-b"]
+    assert [d.institution for d in evaluated["dropped"]] == ["bank-c"] and "epsilon" in evaluated["dropped"][0].reason
 
 
 def test_extra_records_and_ledger_shape() -> None:
