@@ -28,25 +28,13 @@ from shared.config import (
 )
 from shared.errors import ConfigError, DataError
 from shared.partitions import load_partition, read_manifest
-from shared.schema_inference import InferredSchema, infer_schema
-from shared.table_checks import (
-    LABEL_POSITIVE_DEFAULTS,
-    MISSING_POLICIES,
-    RawTable,
-    institution_first_lines,
-    read_csv_table,
-)
-from shared.table_io import read_csv_text as _read_csv_text
-
-__all__ = [  # read here by other modules; defined in the table and inference modules
-    "LABEL_POSITIVE_DEFAULTS",
-    "MISSING_POLICIES",
-    "InferredSchema",
-    "RawTable",
-    "_read_csv_text",
-    "infer_schema",
-    "read_csv_table",
-]
+from shared.schema_inference import InferredSchema as InferredSchema  # re-exported: callers import them here
+from shared.schema_inference import infer_schema as infer_schema
+from shared.table_checks import LABEL_POSITIVE_DEFAULTS as LABEL_POSITIVE_DEFAULTS
+from shared.table_checks import MISSING_POLICIES as MISSING_POLICIES
+from shared.table_checks import RawTable, institution_first_lines
+from shared.table_checks import read_csv_table as read_csv_table
+from shared.table_io import read_csv_text as _read_csv_text  # noqa: F401 (shared/scoring.py reads it here)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +64,22 @@ SYNTHETIC_SCHEMA = SchemaConfig(
         "has_mortgage": ("yes", "no"),
     },
 )
+
+# Declared, public ranges of the synthetic numeric columns (the generator's own limits, or round figures past its
+# 99.9th percentile). Not yet in SYNTHETIC_SCHEMA.bounds: a saved Preprocessor does not carry bounds in this
+# branch, so the schema would not round-trip; set ``bounds=SYNTHETIC_BOUNDS`` there once it does.
+SYNTHETIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "age": (18.0, 90.0),
+    "tenure_months": (0.0, 480.0),
+    "balance": (0.0, 250_000.0),
+    "credit_score": (350.0, 850.0),
+    "estimated_salary": (0.0, 250_000.0),
+    "num_products": (1.0, 4.0),
+    "transactions_last_quarter": (0.0, 200.0),
+    "complaints_last_year": (0.0, 10.0),
+    "days_since_last_login": (0.0, 730.0),
+    "credit_limit_utilisation": (0.0, 1.0),
+}
 
 _PREPROCESSOR_FORMAT = "fedchurn-preprocessor"
 _PREPROCESSOR_VERSION = 1
