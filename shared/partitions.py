@@ -36,7 +36,7 @@ from shared.table_checks import (
     log_extra_columns,
     read_csv_table,
 )
-from shared.table_io import read_columns, read_header
+from shared.table_io import forget_tables, read_columns, read_header
 
 logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
 
@@ -84,6 +84,13 @@ def stage_partitions(data: DataConfig, output_dir: str | Path) -> StagedData:
 
     Raises the same DataError, for the same first problem, as reading the institutions one by one.
     """
+    try:
+        return _stage(data, output_dir)
+    finally:
+        forget_tables()  # the pooled table is in the partitions now (or the run stops)
+
+
+def _stage(data: DataConfig, output_dir: str | Path) -> StagedData:
     started = time.perf_counter()
     folder = cache_folder(output_dir)
     remove_partitions(output_dir)

@@ -43,6 +43,7 @@ MIN_INSTITUTIONS_PER_VALUE = 2
 _MAX_CATEGORIES = 100
 _TEXT_ID_MIN_DISTINCT = 20
 _TYPO_MAX_CELLS = 5
+_AUC_SAMPLE = 200_000
 _ID_NAME = re.compile(r"(^id|id$|num$|number$|no$|key$|code$)", re.IGNORECASE)
 _INT_TEXT = re.compile(r"^[+-]?\d+$")
 
@@ -54,16 +55,18 @@ class InferredSchema:
     warnings: tuple[str, ...] = ()  # columns dropped because they look like identifiers or free text
 
 
-def _looks_like_integer_id(column: str, values: np.ndarray, texts: list[str]) -> bool:
+def _looks_like_integer_id(column: str, values: np.ndarray, texts: pa.Array) -> bool:
     """All-unique integers that are also named like an id, count rows, or share a long fixed width."""
-    if len(values) < 20 or len(np.unique(values)) != len(values) or not all(_INT_TEXT.match(v) for v in texts):
+    if len(values) < 20 or not np.all(values == np.round(values)) or len(np.unique(values)) != len(values):
+        return False
+    if not bool(pc.all(pc.match_substring_regex(texts, _INT_TEXT.pattern)).as_py()):
         return False
     if _ID_NAME.search(column.replace("_", "").replace(" ", "")):
         return True
     if values.max() - values.min() + 1 == len(values):  # a row counter
         return True
-    widths = {len(v.lstrip("+-")) for v in texts}
-    return len(widths) == 1 and widths.pop() >= 6  # fixed-width account / client numbers
+    widths = pc.unique(pc.utf8_length(pc.utf8_ltrim(texts, characters="+-"))).to_pylist()
+    return len(widths) == 1 and widths[0] >= 6  # fixed-width account / client numbers
 
 
 def _round_outward(value: float, *, up: bool) -> float:
@@ -146,7 +149,8 @@ def infer_schema(
             raise DataError(f"the header names column {column!r} twice", path=name, line=1, column=column)
         seen.add(column)
     features = [c for c in header if c not in (label, institution_column)]
-    table = read_columns(path, [label, *([institution_column] if institution_column else []), *features])
+    # Remembered: the data stage of the same run takes its columns from here instead of reading the file again.
+    table = read_columns(path, [label, *([institution_column] if institution_column else []), *features], remember=True)
     report: list[str] = []
     warnings: list[str] = []
 
@@ -157,6 +161,10 @@ def infer_schema(
         values, inst_codes = institution_codes(table, institution_column)
         report.append(f"{institution_column}: institution column ({len(values)} institutions)")
 
+    # Leakage is judged on at most _AUC_SAMPLE rows (a seeded sample): the AUC's error is then ~0.002.
+    sample = np.arange(table.n_rows)
+    if table.n_rows > _AUC_SAMPLE:
+        sample = np.sort(np.random.default_rng(0).choice(table.n_rows, _AUC_SAMPLE, replace=False))
     numeric: list[str] = []
     categorical: dict[str, tuple[str, ...]] = {}
     bounds: dict[str, tuple[float, float]] = {}
@@ -177,16 +185,19 @@ def infer_schema(
             report.append(f"{column}: dropped (every cell is blank)")
             continue
         present_text = pc.filter(text, pa.array(~blank))
-        distinct: list[str] = pc.unique(present_text).to_pylist()
-        bad = [v for v in distinct if not _is_finite_text(v)]
+        numbers = np.full(len(blank), np.nan)
+        try:  # the common case, vectorised: every present cell is a number Arrow reads
+            parsed = np.asarray(pc.cast(present_text, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+            finite = np.isfinite(parsed)
+            bad: list[str] = [] if finite.all() else pc.unique(pc.filter(present_text, pa.array(~finite))).to_pylist()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # by the rule users are told: Python's float
+            distinct_text: list[str] = pc.unique(present_text).to_pylist()
+            bad = [v for v in distinct_text if not _is_finite_text(v)]
+            refused = set(bad)
+            parsed = np.asarray([np.nan if v in refused else float(v) for v in present_text.to_pylist()])
         if not bad:
-            numbers = np.full(len(blank), np.nan)
-            try:
-                parsed = pc.cast(present_text, pa.float64()).to_numpy(zero_copy_only=False)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # text Python reads but Arrow does not
-                parsed = [float(v) for v in present_text.to_pylist()]
-            numbers[~blank] = np.asarray(parsed, dtype=np.float64)
-            if column not in keep and _looks_like_integer_id(column, numbers[~blank], distinct):
+            numbers[~blank] = parsed
+            if column not in keep and _looks_like_integer_id(column, parsed, present_text):
                 dropped.append(column)
                 report.append(f"{column}: dropped (looks like an identifier: {present} unique integers)")
                 continue
@@ -195,10 +206,11 @@ def infer_schema(
             low, high = bounds[column]
             blank_part = f" ({blank_note[2:]})" if blanks else ""
             report.append(f"{column}: numeric{blank_part}, bounds [{low:g}, {high:g}]")
-            if column not in allow_leaky and single_column_auc(labels, numbers) >= LEAKY_AUC:
+            if column not in allow_leaky and single_column_auc(labels[sample], numbers[sample]) >= LEAKY_AUC:
                 leaky.append(column)
             continue
         bad_cells = int(_mask_in(text, bad).sum())
+        distinct: list[str] = pc.unique(present_text).to_pylist()
         if bad_cells <= 0.1 * present and (len(bad) <= _TYPO_MAX_CELLS or bad_cells <= 0.01 * present):
             raise _typo_error(table, column, text, bad, bad_cells)
         if column not in keep and (
@@ -216,7 +228,8 @@ def infer_schema(
         categorical[column] = (*vocabulary, *((OTHER,) if rare else ()))
         shared_note = f", {rare} value(s) seen at one institution only -> {OTHER!r}" if rare else ""
         report.append(f"{column}: categorical ({len(vocabulary)} values{shared_note}{blank_note})")
-        if column not in allow_leaky and single_column_auc(labels, _category_scores(text, labels, blank)) >= LEAKY_AUC:
+        scores = _category_scores(text, labels, blank)
+        if column not in allow_leaky and single_column_auc(labels[sample], scores[sample]) >= LEAKY_AUC:
             leaky.append(column)
     if leaky:
         raise DataError(

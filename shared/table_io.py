@@ -133,19 +133,41 @@ def read_header(path: str | Path) -> tuple[str, ...]:
     raise DataError("is empty: no header row", path=name)
 
 
-def read_columns(path: str | Path, columns: Sequence[str], *, roles: Sequence[str] | None = None) -> ColumnTable:
+# One remembered table: schema inference reads the file and the data stage reuses the columns (one read per run).
+_REMEMBERED: list[tuple[tuple[str, int, int], ColumnTable]] = []
+
+
+def _file_key(name: str) -> tuple[str, int, int]:
+    st = Path(name).stat()
+    return (str(Path(name).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def forget_tables() -> None:
+    """Drop the remembered table (its memory)."""
+    _REMEMBERED.clear()
+
+
+def read_columns(
+    path: str | Path, columns: Sequence[str], *, roles: Sequence[str] | None = None, remember: bool = False
+) -> ColumnTable:
     """The named columns of a CSV or Parquet file, read once, with each row's line.
 
-    ``roles`` (one per column, e.g. "numeric") words the error when a column is missing or named twice.
+    ``roles`` (one per column, e.g. "numeric") words the error when a column is missing or named twice. With
+    ``remember``, the table is kept for the next read of the same, unchanged file (until ``forget_tables``).
     """
     name = _check_file(path)
     header = read_header(name)
     for i, column in enumerate(columns):
         check_column(name, header, column, roles[i] if roles else "declared")
     wanted = list(dict.fromkeys(columns))
-    if is_parquet(name):
-        return _read_parquet(name, header, wanted)
-    return _read_csv(name, header, wanted)
+    key = _file_key(name)
+    if _REMEMBERED and _REMEMBERED[0][0] == key and set(wanted) <= set(_REMEMBERED[0][1].columns):
+        kept = _REMEMBERED[0][1]
+        return ColumnTable(name, header, {c: kept.columns[c] for c in wanted}, kept.line_numbers)
+    table = _read_parquet(name, header, wanted) if is_parquet(name) else _read_csv(name, header, wanted)
+    if remember:
+        _REMEMBERED[:] = [(key, table)]
+    return table
 
 
 def _parquet_schema(name: str) -> pa.Schema:
