@@ -979,3 +979,17 @@ def test_inferred_bounds_are_rounded_outward_percentiles(tmp_path: Path) -> None
     # By hand: 1st percentile 0.0123 + 0.02 * 0.4877 = 0.02205 -> 0.022; 99th 0.5 + 0.98 * 986.5 = 967.3 -> 970.
     assert propose_bounds(np.array([0.0123, 0.5, 987.0])) == (0.022, 970.0)
     assert propose_bounds(np.array([5.0, 5.0, 5.0])) == (5.0, 6.0)  # a constant column still gets a range
+
+
+def test_inferred_bounds_survive_save_config(tmp_path: Path) -> None:
+    from shared.config import dump_config, load_config
+
+    schema = infer_schema(_pooled(tmp_path), label="churn", institution_column="bank").schema
+    config = FedChurnConfig(
+        data=DataConfig(source="csv", csv_path=str(tmp_path / "pooled.csv"), institution_column="bank", schema=schema)
+    )
+    saved = tmp_path / "run.yaml"
+    saved.write_text(dump_config(config))
+    loaded = load_config(saved)
+    assert loaded.data.schema is not None and loaded.data.schema.bounds == schema.bounds
+    assert loaded.data.schema.bounds["age"] == (20.0, 59.0)
