@@ -33,7 +33,14 @@ import pyarrow.compute as pc
 
 from shared.config import SchemaConfig
 from shared.errors import DataError
-from shared.table_checks import OTHER, _blank, _is_finite_text, _is_positive_default, institution_codes
+from shared.table_checks import (
+    OTHER,
+    _blank,
+    _is_finite_text,
+    _is_positive_default,
+    institution_codes,
+    parse_numeric,
+)
 from shared.table_io import ColumnTable, check_column, read_columns, read_header
 
 logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
@@ -175,8 +182,13 @@ def infer_schema(
             dropped.append(column)
             report.append(f"{column}: dropped (as asked)")
             continue
-        text = table.text(column)
-        blank = _blank(text)
+        array = table.columns[column]
+        typed = pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_decimal(array.type)
+        if typed:  # a Parquet number column: no text to parse
+            col_values, blank, _ = parse_numeric(table, column)
+        else:
+            text = table.text(column)
+            blank = _blank(text)
         present = int((~blank).sum())
         blanks = len(blank) - present
         blank_note = f", {blanks} blank cell(s)" if blanks else ""
@@ -184,20 +196,30 @@ def infer_schema(
             dropped.append(column)
             report.append(f"{column}: dropped (every cell is blank)")
             continue
-        present_text = pc.filter(text, pa.array(~blank))
         numbers = np.full(len(blank), np.nan)
-        try:  # the common case, vectorised: every present cell is a number Arrow reads
-            parsed = np.asarray(pc.cast(present_text, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-            finite = np.isfinite(parsed)
-            bad: list[str] = [] if finite.all() else pc.unique(pc.filter(present_text, pa.array(~finite))).to_pylist()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # by the rule users are told: Python's float
-            distinct_text: list[str] = pc.unique(present_text).to_pylist()
-            bad = [v for v in distinct_text if not _is_finite_text(v)]
-            refused = set(bad)
-            parsed = np.asarray([np.nan if v in refused else float(v) for v in present_text.to_pylist()])
+        if typed:
+            col_numbers = col_values[~blank]
+            finite = np.isfinite(col_numbers)
+            bad: list[str] = [] if finite.all() else sorted({repr(float(v)) for v in col_numbers[~finite]})
+            present_text = pc.cast(pc.filter(array, pa.array(~blank)), pa.string())
+            if bad:
+                text = pc.cast(array, pa.string())
+        else:
+            present_text = pc.filter(text, pa.array(~blank))
+            try:  # the common case, vectorised: every present cell is a number Arrow reads
+                col_numbers = np.asarray(
+                    pc.cast(present_text, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+                )
+                finite = np.isfinite(col_numbers)
+                bad = [] if finite.all() else pc.unique(pc.filter(present_text, pa.array(~finite))).to_pylist()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # by the rule users are told: Python's float
+                distinct_text: list[str] = pc.unique(present_text).to_pylist()
+                bad = [v for v in distinct_text if not _is_finite_text(v)]
+                refused = set(bad)
+                col_numbers = np.asarray([np.nan if v in refused else float(v) for v in present_text.to_pylist()])
         if not bad:
-            numbers[~blank] = parsed
-            if column not in keep and _looks_like_integer_id(column, parsed, present_text):
+            numbers[~blank] = col_numbers
+            if column not in keep and _looks_like_integer_id(column, col_numbers, present_text):
                 dropped.append(column)
                 report.append(f"{column}: dropped (looks like an identifier: {present} unique integers)")
                 continue

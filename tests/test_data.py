@@ -868,6 +868,9 @@ def test_parquet_reads_like_csv(tmp_path: Path) -> None:
     assert a.categorical.tolist() == b.categorical.tolist()
     assert a.line_numbers.tolist() == list(range(42, 82))  # header line 1, bank b1 on lines 42..81
     assert b.line_numbers.tolist() == list(range(42, 82))  # Parquet row r reported as line r + 2
+    from_csv = infer_schema(path, label="churn", institution_column="bank").schema
+    from_parquet = infer_schema(parquet, label="churn", institution_column="bank").schema
+    assert from_parquet == from_csv and from_csv.numeric == ("age", "balance")
 
 
 def test_line_numbers_count_blank_lines_crlf_and_quoted_newlines(tmp_path: Path) -> None:
