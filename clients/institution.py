@@ -158,7 +158,7 @@ def _data_key(config: FedChurnConfig) -> str:
 def _institution_names(config: FedChurnConfig) -> list[str]:
     key = _data_key(config)
     if key not in _NAMES_CACHE:
-        _NAMES_CACHE[key] = institution_names(config.data, seed=config.seed)
+        _NAMES_CACHE[key] = institution_names(config.data, seed=config.seed, output_dir=config.output_dir)
     return _NAMES_CACHE[key]
 
 

@@ -9,33 +9,33 @@ clips, scales and imputes from the schema's declared bounds and category lists o
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
-import io
 import logging
 import math
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared.config import (
-    INSTITUTION_NAME_RULE,
     DataConfig,
     FedChurnConfig,
     SchemaConfig,
     SyntheticConfig,
-    is_valid_institution_name,
 )
 from shared.errors import ConfigError, DataError
+from shared.partitions import load_partition, read_manifest
+from shared.schema_inference import InferredSchema as InferredSchema  # re-exported: callers import them here
+from shared.schema_inference import infer_schema as infer_schema
+from shared.table_checks import LABEL_POSITIVE_DEFAULTS as LABEL_POSITIVE_DEFAULTS
+from shared.table_checks import MISSING_POLICIES as MISSING_POLICIES
+from shared.table_checks import RawTable, institution_first_lines
+from shared.table_checks import read_csv_table as read_csv_table
+from shared.table_io import read_csv_text as _read_csv_text  # noqa: F401 (shared/scoring.py reads it here)
 
 logger = logging.getLogger(__name__)
-
-LABEL_POSITIVE_DEFAULTS = ("1", "yes", "true", "y", "churn", "churned")  # case-insensitive, when positive is None
-MISSING_POLICIES = ("error", "drop", "impute")
 
 _REGIONS = ("north", "south", "east", "west", "central")
 _CARD_TIERS = ("blue", "silver", "gold", "platinum")
@@ -90,58 +90,6 @@ _MIN_PER_CLASS = 3  # one positive and one negative in each of train, validation
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class RawTable:
-    """One institution's rows, already checked against the schema (no scaling, no imputation yet)."""
-
-    institution: str
-    source: str  # file path, or "synthetic"
-    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank
-    categorical: np.ndarray  # object (n, len(schema.categorical)) of str; None where a cell was blank
-    labels: np.ndarray | None  # int64 0/1 (n,); None when the label column is absent
-    line_numbers: np.ndarray  # int64 (n,): 1-based CSV line of each row (the header is line 1)
-    schema: SchemaConfig
-    rows_dropped: int = 0  # rows removed by missing_values="drop" when this table was read
-    positive_value: str | None = None  # the label text that meant churn / did not, as read (write_csv uses them)
-    negative_value: str | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.line_numbers)
-        # Shapes are a programming contract, not user input: a mismatch is a bug.
-        if self.numeric.shape != (n, len(self.schema.numeric)):
-            raise ValueError(f"numeric has shape {self.numeric.shape}, expected {(n, len(self.schema.numeric))}")
-        if self.categorical.shape != (n, len(self.schema.categorical)):
-            raise ValueError(
-                f"categorical has shape {self.categorical.shape}, expected {(n, len(self.schema.categorical))}"
-            )
-        if self.labels is not None and self.labels.shape != (n,):
-            raise ValueError(f"labels has shape {self.labels.shape}, expected {(n,)}")
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.line_numbers)
-
-    @property
-    def n_positive(self) -> int:
-        return 0 if self.labels is None else int(self.labels.sum())
-
-    @property
-    def n_blank(self) -> int:
-        """Blank cells kept for imputation (NaN numeric, None categorical)."""
-        return int(np.isnan(self.numeric).sum()) + sum(1 for v in self.categorical.ravel() if v is None)
-
-    def take(self, indices: np.ndarray) -> RawTable:
-        """The rows at ``indices``, in that order, with the same metadata."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return replace(
-            self,
-            numeric=self.numeric[idx],
-            categorical=self.categorical[idx],
-            labels=None if self.labels is None else self.labels[idx],
-            line_numbers=self.line_numbers[idx],
-        )
-
-
 def resolve_schema(data: DataConfig) -> SchemaConfig:
     """The schema the institutions' tables follow: the synthetic one, or the declared one."""
     if data.source == "synthetic":
@@ -171,10 +119,18 @@ def _synthetic_name(index: int) -> str:
     return f"bank-{index + 1:02d}"
 
 
-def institution_names(data: DataConfig, *, seed: int) -> list[str]:
-    """The institutions of the consortium, in a stable order (``data.institutions`` when given)."""
+def institution_names(data: DataConfig, *, seed: int, output_dir: str | None = None) -> list[str]:
+    """The institutions of the consortium, in a stable order (``data.institutions`` when given).
+
+    With ``output_dir`` holding this data's staged partitions (shared/partitions.py), the names come from there
+    instead of another read of the table.
+    """
     del seed  # names do not depend on the seed today; kept so callers need not change if they ever do
-    if data.source == "synthetic":
+    manifest = read_manifest(data, output_dir) if output_dir and data.source == "csv" else None
+    if manifest is not None:
+        available = sorted(manifest["institutions"])
+        where = "the data"
+    elif data.source == "synthetic":
         available = [_synthetic_name(i) for i in range(data.synthetic.institutions)]
         where = f"the synthetic consortium (data.synthetic.institutions = {data.synthetic.institutions})"
     elif data.institution_files:
@@ -182,7 +138,7 @@ def institution_names(data: DataConfig, *, seed: int) -> list[str]:
         where = "data.institution_files"
     else:
         path, column = _table_source(data)
-        available = sorted(_column_values(path, column))
+        available = sorted(institution_first_lines(path, column))
         where = f"column '{column}' of {path}"
     if not data.institutions:
         return available
@@ -238,359 +194,9 @@ def _table_source(data: DataConfig) -> tuple[str, str]:
     return data.csv_path, data.institution_column
 
 
-def _check_institution_value(value: str, path: str, line: int, column: str) -> None:
-    if not is_valid_institution_name(value):
-        raise DataError(
-            f"institution name {value!r} is not usable: institution names become folder names and must be "
-            f"{INSTITUTION_NAME_RULE}",
-            path=path,
-            line=line,
-            column=column,
-            fix="rename the value in the file, or give each institution its own file with data.institution_files",
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # CSV reading
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _CsvText:
-    path: str
-    header: tuple[str, ...]
-    rows: list[list[str]]
-    lines: list[int]  # 1-based line where each row starts
-
-
-def _read_csv_text(path: str | Path) -> _CsvText:
-    """Header and rows of a CSV, with structural checks: readable, UTF-8, a header, rows, equal field counts."""
-    name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=name, fix="check data.csv_path / data.institution_files") from None
-    except IsADirectoryError:
-        raise DataError("is a folder, not a CSV file", path=name) from None
-    except OSError as exc:
-        raise DataError(f"cannot be read: {exc.strerror or exc}", path=name) from None
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a byte-order mark
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            "is not UTF-8 text", path=name, line=line, fix="save the file as CSV UTF-8 from the spreadsheet"
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: tuple[str, ...] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    previous_end = 0
-    try:
-        for record in reader:
-            start = previous_end + 1
-            previous_end = reader.line_num
-            if not record:  # blank line: csv gives []; trailing blank lines are common
-                continue
-            if header is None:
-                header = tuple(cell.strip() for cell in record)
-                if start != 1:
-                    logger.info("%s: header found on line %d (blank lines before it)", name, start)
-                continue
-            if len(record) != len(header):
-                raise DataError(
-                    f"row has {len(record)} fields but the header has {len(header)}",
-                    path=name,
-                    line=start,
-                    fix="check for unquoted commas or a missing/extra separator on that line",
-                )
-            rows.append(record)
-            lines.append(start)
-    except csv.Error as exc:
-        raise DataError(f"is not valid CSV: {exc}", path=name, line=previous_end + 1) from None
-    if header is None:
-        raise DataError("is empty: no header row", path=name)
-    if not rows:
-        raise DataError("has a header but no data rows", path=name, line=1)
-    return _CsvText(name, header, rows, lines)
-
-
-def _missing_column_error(table: _CsvText, column: str, role: str) -> DataError:
-    suggestions = [h for h in table.header if h.lower() == column.lower() and h != column]
-    suggestions += [s for s in difflib.get_close_matches(column, table.header, n=3, cutoff=0.6) if s not in suggestions]
-    hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-    shown = ", ".join(repr(h) for h in table.header[:40])
-    if len(table.header) > 40:
-        shown += f", ... ({len(table.header) - 40} more)"
-    return DataError(
-        f"the {role} column {column!r} is not in the header{hint} The header has: {shown}",
-        path=table.path,
-        line=1,
-        column=column,
-    )
-
-
-def _column_index(table: _CsvText, column: str, role: str) -> int:
-    positions = [i for i, h in enumerate(table.header) if h == column]
-    if not positions:
-        raise _missing_column_error(table, column, role)
-    if len(positions) > 1:
-        raise DataError(
-            f"the header names column {column!r} {len(positions)} times; it is ambiguous",
-            path=table.path,
-            line=1,
-            column=column,
-        )
-    return positions[0]
-
-
-def _column_values(path: str, column: str) -> dict[str, int]:
-    """Distinct values of one column -> first line; blank or unusable values are errors."""
-    table = _read_csv_text(path)
-    index = _column_index(table, column, "institution")
-    first: dict[str, int] = {}
-    for row, line in zip(table.rows, table.lines, strict=True):
-        value = row[index].strip()
-        if value not in first:
-            if not value:
-                raise DataError("blank institution cell", path=path, line=line, column=column)
-            _check_institution_value(value, path, line, column)
-            first[value] = line
-    return first
-
-
-def _is_positive_default(value: str) -> bool:
-    return value.strip().lower() in LABEL_POSITIVE_DEFAULTS
-
-
-def _parse_labels(
-    raw: list[str], lines: list[int], *, positive: str | None, path: str, column: str
-) -> tuple[np.ndarray, str | None, str | None]:
-    """0/1 labels, the positive text and the negative text (None where not seen)."""
-    first_line: dict[str, int] = {}
-    for value, line in zip(raw, lines, strict=True):
-        if not value:
-            raise DataError(
-                "blank label: every row needs its churn label",
-                path=path,
-                line=line,
-                column=column,
-                fix="fill the label, or remove the row",
-            )
-        first_line.setdefault(value, line)
-    distinct = list(first_line)  # in order of first appearance
-    if positive is not None:
-        others = [v for v in distinct if v != positive]
-        if len(others) > 1:
-            near = [v for v in distinct if v.lower() == positive.lower() and v != positive]
-            hint = f" (labels are matched exactly: did you mean {near[0]!r}?)" if near else ""
-            raise DataError(
-                f"label value {others[1]!r} is neither the positive value {positive!r} nor the other value "
-                f"{others[0]!r}: a churn label has exactly two values{hint}",
-                path=path,
-                line=first_line[others[1]],
-                column=column,
-                fix="set data.schema.positive to the value that means churn, and use one other value",
-            )
-        negative = others[0] if others else None
-    else:
-        if len(distinct) > 2:
-            raise DataError(
-                f"label is not binary: more than 2 distinct values ({', '.join(repr(v) for v in distinct[:10])})",
-                path=path,
-                line=first_line[distinct[2]],
-                column=column,
-                fix="a churn label has exactly two values",
-            )
-        recognised = [v for v in distinct if _is_positive_default(v)]
-        if len(recognised) > 1 or (len(distinct) == 2 and not recognised):
-            raise DataError(
-                f"cannot tell which label value means churn: the values are {', '.join(repr(v) for v in distinct)}",
-                path=path,
-                column=column,
-                fix="set data.schema.positive to the value that means churn",
-            )
-        positive = recognised[0] if recognised else None
-        others = [v for v in distinct if v != positive]
-        negative = others[0] if others else None
-    labels = np.fromiter((v == positive for v in raw), dtype=np.int64, count=len(raw))
-    return labels, positive, negative
-
-
-def read_csv_table(
-    path: str | Path,
-    schema: SchemaConfig,
-    *,
-    institution: str,
-    missing_values: str,
-    require_label: bool = True,
-    institution_column: str | None = None,
-) -> RawTable:
-    """Read and check one institution's rows from a CSV.
-
-    With ``institution_column`` only the rows whose value there is ``institution`` are kept. With
-    ``require_label=False`` (scoring new customers) the label column may be absent, or present with every cell
-    blank; then ``labels`` is None.
-    """
-    if missing_values not in MISSING_POLICIES:
-        raise ConfigError("data.missing_values", missing_values, f"must be one of {', '.join(MISSING_POLICIES)}")
-    table = _read_csv_text(path)
-    name = table.path
-
-    # Columns: every declared one must be there; the rest is ignored, and said so.
-    numeric_idx = [_column_index(table, c, "numeric") for c in schema.numeric]
-    categorical_idx = [_column_index(table, c, "categorical") for c in schema.categorical]
-    has_label = schema.label in table.header or require_label
-    label_idx = _column_index(table, schema.label, "label") if has_label else None
-    inst_idx = _column_index(table, institution_column, "institution") if institution_column else None
-    used = {schema.label, *schema.numeric, *schema.categorical, *schema.drop}
-    if institution_column:
-        used.add(institution_column)
-    extra = [h for h in table.header if h not in used]
-    if extra:
-        logger.info("%s: ignoring columns not in the schema: %s", name, ", ".join(extra))
-
-    # Rows of this institution only.
-    rows, lines = table.rows, table.lines
-    if inst_idx is not None:
-        found: dict[str, int] = {}
-        kept_rows: list[list[str]] = []
-        kept_lines: list[int] = []
-        for row, line in zip(rows, lines, strict=True):
-            value = row[inst_idx].strip()
-            if not value:
-                raise DataError("blank institution cell", path=name, line=line, column=institution_column)
-            found.setdefault(value, line)
-            if value == institution:
-                kept_rows.append(row)
-                kept_lines.append(line)
-        if not kept_rows:
-            raise DataError(
-                f"no rows for institution {institution!r}",
-                path=name,
-                column=institution_column,
-                fix=f"institutions in the file: {', '.join(repr(v) for v in sorted(found))}",
-            )
-        rows, lines = kept_rows, kept_lines
-
-    # Labels.
-    labels: np.ndarray | None = None
-    positive_value: str | None = schema.positive
-    negative_value: str | None = None
-    if label_idx is not None:
-        raw_labels = [row[label_idx].strip() for row in rows]
-        if not require_label and not any(raw_labels):
-            logger.info("%s: label column %r is blank in every row; reading without labels", name, schema.label)
-        else:
-            labels, positive_value, negative_value = _parse_labels(
-                raw_labels, lines, positive=schema.positive, path=name, column=schema.label
-            )
-
-    # Features, row by row so the first bad value reported is the first in the file.
-    n = len(rows)
-    numeric = np.empty((n, len(numeric_idx)), dtype=np.float64)
-    categorical = np.empty((n, len(categorical_idx)), dtype=object)
-    allowed = [frozenset(values) for values in schema.categorical.values()]
-    categorical_names = list(schema.categorical)
-    blank_rows = np.zeros(n, dtype=bool)
-    blank_cells = 0
-    first_blank: tuple[int, str] | None = None
-    for r, (row, line) in enumerate(zip(rows, lines, strict=True)):
-        for j, idx in enumerate(numeric_idx):
-            cell = row[idx].strip()
-            if not cell:
-                numeric[r, j] = math.nan
-                blank_rows[r] = True
-                blank_cells += 1
-                first_blank = first_blank or (line, schema.numeric[j])
-                continue
-            try:
-                number = float(cell)
-            except ValueError:
-                number = math.nan
-            if not math.isfinite(number):
-                raise DataError(
-                    f"{cell!r} is not a finite number",
-                    path=name,
-                    line=line,
-                    column=schema.numeric[j],
-                    fix="numeric columns take plain numbers such as 42 or 3.5; leave a missing value blank, "
-                    "or declare the column under data.schema.categorical",
-                )
-            numeric[r, j] = number
-        for j, idx in enumerate(categorical_idx):
-            cell = row[idx].strip()
-            if not cell:
-                categorical[r, j] = None
-                blank_rows[r] = True
-                blank_cells += 1
-                first_blank = first_blank or (line, categorical_names[j])
-                continue
-            if cell not in allowed[j]:
-                column = categorical_names[j]
-                declared = ", ".join(repr(v) for v in schema.categorical[column])
-                raise DataError(
-                    f"{cell!r} is not a declared category; allowed: {declared}",
-                    path=name,
-                    line=line,
-                    column=column,
-                    fix=f"add it to data.schema.categorical.{column}, or correct the value",
-                )
-            categorical[r, j] = cell
-
-    # Blank cells, by the declared policy.
-    line_numbers = np.asarray(lines, dtype=np.int64)
-    rows_dropped = 0
-    if first_blank is not None:
-        if missing_values == "error":
-            raise DataError(
-                f"blank cell ({blank_cells} blank cell(s) in {int(blank_rows.sum())} row(s) in all)",
-                path=name,
-                line=first_blank[0],
-                column=first_blank[1],
-                fix="fill the cells, or set data.missing_values to 'drop' or 'impute'",
-            )
-        if missing_values == "drop":
-            keep = ~blank_rows
-            rows_dropped = int(blank_rows.sum())
-            if not keep.any():
-                raise DataError(
-                    f"every row of institution {institution!r} has a blank cell; none left after dropping them",
-                    path=name,
-                    fix="set data.missing_values to 'impute', or fill the cells",
-                )
-            numeric, categorical, line_numbers = numeric[keep], categorical[keep], line_numbers[keep]
-            labels = None if labels is None else labels[keep]
-            logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
-        else:
-            logger.info(
-                "%s (%s): %d blank cell(s) will be imputed with declared values (bounds midpoint, no category)",
-                name,
-                institution,
-                blank_cells,
-            )
-
-    if require_label and labels is not None and len(np.unique(labels)) < 2:
-        only = positive_value if labels[0] == 1 else negative_value
-        raise DataError(
-            f"label has only one value ({only!r}) at institution {institution!r}: churn prediction needs both "
-            "churned and retained customers",
-            path=name,
-            column=schema.label,
-            fix="check data.schema.positive and the institution's rows",
-        )
-    return RawTable(
-        institution=institution,
-        source=name,
-        numeric=numeric,
-        categorical=categorical,
-        labels=labels,
-        line_numbers=line_numbers,
-        schema=schema,
-        rows_dropped=rows_dropped,
-        positive_value=positive_value,
-        negative_value=negative_value,
-    )
 
 
 def write_csv(table: RawTable, path: str | Path, *, institution_column: str | None = None) -> None:
@@ -1104,7 +710,8 @@ def prepare_institution(
     from shared.row_identity import file_fingerprint, table_fingerprint
 
     data = config.data
-    table = read_institution(data, institution, seed=config.seed)
+    staged = load_partition(data, config.output_dir, institution) if data.source == "csv" else None
+    table = staged if staged is not None else read_institution(data, institution, seed=config.seed)
     split = split_institution(
         table,
         validation_fraction=data.validation_fraction,
@@ -1146,164 +753,3 @@ def prepare_institution(
         table.n_positive / max(table.n_rows, 1),
     )
     return prepared
-
-
-# --------------------------------------------------------------------------------------------------
-# Schema inference for the quick start
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InferredSchema:
-    schema: SchemaConfig
-    report: tuple[str, ...]  # one human line per column
-
-
-_ID_NAME = re.compile(r"(^id|id$|num$|number$|no$|key$|code$)", re.IGNORECASE)
-_INT_TEXT = re.compile(r"^[+-]?\d+$")
-_TEXT_ID_MIN_DISTINCT = 50
-
-
-def _looks_like_integer_id(column: str, values: list[str]) -> bool:
-    """All-unique integers that are also named like an id, count rows, or share a long fixed width."""
-    if len(values) < 20 or not all(_INT_TEXT.match(v) for v in values) or len(set(values)) != len(values):
-        return False
-    numbers = [int(v) for v in values]
-    if _ID_NAME.search(column.replace("_", "").replace(" ", "")):
-        return True
-    if max(numbers) - min(numbers) + 1 == len(numbers):  # a row counter
-        return True
-    widths = {len(v.lstrip("+-")) for v in values}
-    return len(widths) == 1 and widths.pop() >= 6  # fixed-width account / client numbers
-
-
-def infer_schema(
-    path: str | Path,
-    *,
-    label: str,
-    positive: str | None = None,
-    institution_column: str | None = None,
-    drop: Sequence[str] = (),
-    keep: Sequence[str] = (),
-) -> InferredSchema:
-    """Guess a schema from a CSV: numeric if every non-blank value is a number, else categorical.
-
-    Identifier-like columns are dropped and reported (``keep`` overrides that for the named columns). The
-    label must have exactly two values; the churn value is ``positive`` or recognised from
-    ``LABEL_POSITIVE_DEFAULTS``.
-    """
-    table = _read_csv_text(path)
-    name = table.path
-    label_idx = _column_index(table, label, "label")
-    inst_idx = _column_index(table, institution_column, "institution") if institution_column else None
-    if institution_column == label:
-        raise DataError("the label column cannot also be the institution column", path=name, column=label)
-    for column in [*drop, *keep]:
-        _column_index(table, column, "--drop" if column in drop else "--keep")
-    report: list[str] = []
-
-    # Label: exactly two values, one of which means churn.
-    first_line: dict[str, int] = {}
-    for row, line in zip(table.rows, table.lines, strict=True):
-        value = row[label_idx].strip()
-        if not value:
-            raise DataError("blank label: every row needs its churn label", path=name, line=line, column=label)
-        first_line.setdefault(value, line)
-    values = sorted(first_line)
-    shown = ", ".join(repr(v) for v in values[:10])
-    if len(values) != 2:
-        raise DataError(
-            f"label must have exactly 2 distinct values, found {len(values)}: {shown}",
-            path=name,
-            line=first_line[values[2]] if len(values) > 2 else None,
-            column=label,
-        )
-    if positive is not None:
-        if positive not in values:
-            raise DataError(
-                f"positive value {positive!r} is not a value of the label; its values are {shown}",
-                path=name,
-                column=label,
-                fix="pass --positive with one of them",
-            )
-    else:
-        recognised = [v for v in values if _is_positive_default(v)]
-        if len(recognised) != 1:
-            raise DataError(
-                f"cannot tell which label value means churn: the values are {shown}",
-                path=name,
-                column=label,
-                fix="pass --positive VALUE with the value that means churn",
-            )
-        positive = recognised[0]
-    n_positive = sum(1 for row in table.rows if row[label_idx].strip() == positive)
-    report.append(f"{label}: label (positive {positive!r}: {n_positive} of {len(table.rows)} rows)")
-    if inst_idx is not None and institution_column is not None:
-        institutions: set[str] = set()
-        for row, line in zip(table.rows, table.lines, strict=True):
-            value = row[inst_idx].strip()
-            if value not in institutions:
-                if not value:
-                    raise DataError("blank institution cell", path=name, line=line, column=institution_column)
-                _check_institution_value(value, name, line, institution_column)
-                institutions.add(value)
-        report.append(f"{institution_column}: institution column ({len(institutions)} institutions)")
-
-    numeric: list[str] = []
-    categorical: dict[str, tuple[str, ...]] = {}
-    dropped: list[str] = []
-    skip = {label_idx, inst_idx}
-    seen: set[str] = set()
-    for index, column in enumerate(table.header):
-        if index in skip:
-            continue
-        if column in seen:
-            raise DataError(f"the header names column {column!r} twice", path=name, line=1, column=column)
-        seen.add(column)
-        if column in drop:
-            dropped.append(column)
-            report.append(f"{column}: dropped (as asked)")
-            continue
-        cells = [row[index].strip() for row in table.rows]
-        present = [c for c in cells if c]
-        blanks = len(cells) - len(present)
-        blank_note = f", {blanks} blank cell(s)" if blanks else ""
-        if not present:
-            dropped.append(column)
-            report.append(f"{column}: dropped (every cell is blank)")
-            continue
-        if all(_is_finite_number(c) for c in present):
-            if column not in keep and _looks_like_integer_id(column, present):
-                dropped.append(column)
-                report.append(f"{column}: dropped (looks like an identifier: {len(present)} unique integers)")
-                continue
-            numeric.append(column)
-            report.append(f"{column}: numeric{' (' + blank_note[2:] + ')' if blanks else ''}")
-            continue
-        distinct = sorted(set(present))
-        if column not in keep and len(distinct) > _TEXT_ID_MIN_DISTINCT and len(distinct) > 0.5 * len(present):
-            dropped.append(column)
-            report.append(
-                f"{column}: dropped (looks like an identifier: {len(distinct)} distinct text values "
-                f"in {len(present)} rows)"
-            )
-            continue
-        categorical[column] = tuple(distinct)
-        report.append(f"{column}: categorical ({len(distinct)} values{blank_note})")
-    if not numeric and not categorical:
-        raise DataError(
-            "no feature columns left after dropping the label, institution and identifier columns", path=name
-        )
-    schema = SchemaConfig(
-        label=label, positive=positive, numeric=tuple(numeric), categorical=categorical, drop=tuple(dropped)
-    )
-    for entry in report:
-        logger.debug("%s: %s", name, entry)  # the caller shows the report; keep the log quiet
-    return InferredSchema(schema=schema, report=tuple(report))
-
-
-def _is_finite_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from shared.config import FedChurnConfig, config_to_run_config
 from shared.data import UnbalancedSplitError, institution_names, prepare_institution
 from shared.errors import FedChurnError, SimulationError
+from shared.partitions import remove_partitions, stage_partitions
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
@@ -44,28 +46,43 @@ def quiet_environment() -> None:
 class SimulationPlan:
     config: FedChurnConfig  # output_dir made absolute
     institutions: tuple[str, ...]
+    data_seconds: float = 0.0  # the data stage: one read, checks, partitions written
 
 
 def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> SimulationPlan:
     """Resolve the institutions and check every institution's data before any process starts.
 
-    Failing here, with the file, line and column, beats a failure inside a Ray worker halfway through.
+    Failing here, with the file, line and column, beats a failure inside a Ray worker halfway through. A table
+    is read once: its checked rows are staged per institution under the output folder (shared/partitions.py),
+    where each worker memory-maps its own; ``run_simulation`` removes them when the run ends.
     """
     output_dir = str(Path(config.output_dir).expanduser().resolve())
     from shared.provenance import check_transfer_setup
 
     config = dataclasses.replace(config, output_dir=output_dir)
     check_transfer_setup(config)  # a federated transfer mode; a pretrained encoder that fits the schema
-    names = institution_names(config.data, seed=config.seed)
-    if not names:
-        raise SimulationError("the data holds no institutions")
+    started = time.perf_counter()
     if check_data and config.data.source == "csv":
-        for name in names:
-            # The split here is not the bank's: each bank splits with its own secret key.
-            with contextlib.suppress(UnbalancedSplitError):
-                prepare_institution(config, name)
+        stage_partitions(config.data, output_dir)
+    try:
+        names = institution_names(config.data, seed=config.seed, output_dir=output_dir)
+        if not names:
+            raise SimulationError("the data holds no institutions")
+        if check_data and config.data.source == "csv":
+            for name in names:
+                # Splits and preprocessing from the staged rows. The split here is not the bank's (each bank
+                # splits with its own secret key), so an unbalanced part here says nothing about the bank's.
+                with contextlib.suppress(UnbalancedSplitError):
+                    prepare_institution(config, name)
+    except BaseException:
+        remove_partitions(output_dir)
+        raise
+    return SimulationPlan(config=config, institutions=tuple(names), data_seconds=time.perf_counter() - started)
 
-    return SimulationPlan(config=config, institutions=tuple(names))
+
+def discard_plan(plan: SimulationPlan) -> None:
+    """Remove what planning staged (customers' rows) when the plan is not run."""
+    remove_partitions(plan.config.output_dir)
 
 
 def _connect_ray(config: FedChurnConfig, *, ray_address: str | None) -> bool:
@@ -222,6 +239,7 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
         # Flower's Ray backend shuts Ray down itself; make sure a Ray we started does not outlive the run.
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        remove_partitions(output_dir)  # the staged rows must not outlive the run
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))

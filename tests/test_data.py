@@ -939,3 +939,166 @@ def test_real_telco(real_data_dir: Path) -> None:
     by_contract = DataConfig(source="csv", csv_path=str(path), institution_column="Contract", schema=schema)
     for name in institution_names(by_contract, seed=0):
         prepare_institution(FedChurnConfig(data=by_contract), name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Columnar reading, staged partitions, and inference a user can trust
+# --------------------------------------------------------------------------------------------------
+
+
+def _pooled(tmp_path: Path, *, banks: int = 3, rows: int = 40, extra: str = "") -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["bank,age,balance,plan,churn" + (",note" if extra else "")]
+    for b in range(banks):
+        for r in range(rows):
+            churn = "yes" if r % 4 == 0 else "no"
+            cells = [f"b{b}", str(20 + r), f"{rng.uniform(0, 1000):.2f}", ("basic", "premium")[r % 2], churn]
+            if extra:
+                cells.append(f"{extra}{b}-{r}")
+            lines.append(",".join(cells))
+    return write(tmp_path, "\n".join(lines) + "\n", "pooled.csv")
+
+
+def test_parquet_reads_like_csv(tmp_path: Path) -> None:
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    path = _pooled(tmp_path)
+    parquet = tmp_path / "pooled.parquet"
+    pq.write_table(pa_csv.read_csv(path), parquet)  # typed columns: int, float, text
+    data_csv = DataConfig(source="csv", csv_path=str(path), institution_column="bank", schema=SCHEMA)
+    data_pq = DataConfig(source="csv", csv_path=str(parquet), institution_column="bank", schema=SCHEMA)
+    assert institution_names(data_pq, seed=0) == ["b0", "b1", "b2"]
+    a, b = read_institution(data_csv, "b1", seed=0), read_institution(data_pq, "b1", seed=0)
+    assert np.array_equal(a.numeric, b.numeric) and np.array_equal(a.labels, b.labels)
+    assert a.categorical.tolist() == b.categorical.tolist()
+    assert a.line_numbers.tolist() == list(range(42, 82))  # header line 1, bank b1 on lines 42..81
+    assert b.line_numbers.tolist() == list(range(42, 82))  # Parquet row r reported as line r + 2
+    from_csv = infer_schema(path, label="churn", institution_column="bank").schema
+    from_parquet = infer_schema(parquet, label="churn", institution_column="bank").schema
+    assert from_parquet == from_csv and from_csv.numeric == ("age", "balance")
+
+
+def test_line_numbers_count_blank_lines_crlf_and_quoted_newlines(tmp_path: Path) -> None:
+    crlf = write(tmp_path, "age,balance,plan,churn\r\n30,1,basic,no\r\n\r\n41,x,premium,yes\r\n", "crlf.csv")
+    assert (error_of(crlf).line, error_of(crlf).column) == (4, "balance")
+    quoted = write(
+        tmp_path, 'age,balance,plan,churn,note\n30,1,basic,no,a\n41,2,premium,yes,"x\ny"\n25,y,basic,no,b\n', "q.csv"
+    )
+    assert error_of(quoted).line == 5  # the quoted note on line 3 spans lines 3-4
+
+
+def test_staged_partitions_equal_direct_reads_and_are_removed(tmp_path: Path) -> None:
+    from shared.partitions import cache_folder, load_partition, remove_partitions, stage_partitions
+
+    path = _pooled(tmp_path)
+    data = DataConfig(source="csv", csv_path=str(path), institution_column="bank", schema=SCHEMA)
+    staged = stage_partitions(data, tmp_path / "run")
+    assert staged.institutions == ("b0", "b1", "b2") and staged.rows == 120
+    for name in staged.institutions:
+        cached = load_partition(data, tmp_path / "run", name)
+        direct = read_institution(data, name, seed=0)
+        assert cached is not None
+        assert np.array_equal(cached.numeric, direct.numeric) and np.array_equal(cached.labels, direct.labels)
+        assert cached.categorical.tolist() == direct.categorical.tolist()
+        assert cached.line_numbers.tolist() == direct.line_numbers.tolist()
+        # One institution's folder holds only its own rows.
+        lines = np.load(cache_folder(tmp_path / "run") / name / "lines.npy")
+        assert set(lines.tolist()) == set(direct.line_numbers.tolist())
+    assert institution_names(data, seed=0, output_dir=str(tmp_path / "run")) == ["b0", "b1", "b2"]
+    path.write_text(path.read_text() + "b0,50,1,basic,no\n")  # the file changed: the cache is not used
+    assert load_partition(data, tmp_path / "run", "b0") is None
+    remove_partitions(tmp_path / "run")
+    assert not cache_folder(tmp_path / "run").exists()
+
+
+def test_staging_reports_the_first_error_like_a_direct_read(tmp_path: Path) -> None:
+    from shared.partitions import stage_partitions
+
+    path = _pooled(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[60] = lines[60].replace("premium", "gold").replace("basic", "gold")  # bank b1, line 61
+    lines[100] = lines[100].replace(",yes", ",").replace(",no", ",")  # bank b2, line 101: blank label
+    path.write_text("\n".join(lines) + "\n")
+    data = DataConfig(source="csv", csv_path=str(path), institution_column="bank", schema=SCHEMA)
+    with pytest.raises(DataError) as staged:
+        stage_partitions(data, tmp_path / "run")
+    with pytest.raises(DataError) as direct:
+        read_institution(data, "b1", seed=0)
+    assert str(staged.value) == str(direct.value)
+    assert (staged.value.line, staged.value.column) == (61, "plan")
+
+
+def test_inference_names_typo_cells_in_a_numeric_column(tmp_path: Path) -> None:
+    path = _pooled(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[11] = lines[11].replace(lines[11].split(",")[2], "5O0")  # a letter O for a zero
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        infer_schema(path, label="churn", institution_column="bank")
+    assert (info.value.line, info.value.column) == (12, "balance")
+    assert "'5O0' on line 12" in str(info.value) and "1 cell(s)" in str(info.value)
+
+
+def test_inference_drops_free_text_and_warns(tmp_path: Path) -> None:
+    inferred = infer_schema(_pooled(tmp_path, extra="note "), label="churn", institution_column="bank")
+    assert "note" in inferred.schema.drop and "note" not in inferred.schema.categorical
+    assert (
+        len(inferred.warnings) == 1 and "note: dropped (looks like an identifier or free text" in inferred.warnings[0]
+    )
+
+
+def test_inferred_vocabulary_keeps_only_values_of_two_or_more_institutions(tmp_path: Path) -> None:
+    path = _pooled(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[5] = lines[5].replace("premium", "Smith").replace("basic", "Smith")  # only bank b0 has it
+    path.write_text("\n".join(lines) + "\n")
+    schema = infer_schema(path, label="churn", institution_column="bank").schema
+    assert schema.categorical["plan"] == ("basic", "premium", "(other)")
+    assert "Smith" not in json.dumps(schema.categorical)
+    data = DataConfig(source="csv", csv_path=str(path), institution_column="bank", schema=schema)
+    table = read_institution(data, "b0", seed=0)
+    assert table.categorical[4, 0] == "(other)"  # line 6 is b0's 5th row
+
+
+def test_inference_flags_a_label_leaking_column(tmp_path: Path) -> None:
+    path = _pooled(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[0] += ",score"
+    for i in range(1, len(lines)):
+        lines[i] += ",0.97" if lines[i].endswith("yes") else f",0.0{i % 9}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        infer_schema(path, label="churn", institution_column="bank")
+    assert (
+        "'score'" in str(info.value) and "--allow-leaky score" in str(info.value) and "--drop score" in str(info.value)
+    )
+    allowed = infer_schema(path, label="churn", institution_column="bank", allow_leaky=["score"]).schema
+    assert "score" in allowed.numeric
+    assert "score" in infer_schema(path, label="churn", institution_column="bank", drop=["score"]).schema.drop
+
+
+def test_inferred_bounds_are_rounded_outward_percentiles(tmp_path: Path) -> None:
+    path = _pooled(tmp_path)
+    schema = infer_schema(path, label="churn", institution_column="bank").schema
+    # age runs 20..59 in every bank: 1st percentile 20.39 -> 20; 99th 59 - 0.39 = 58.61 -> 59.
+    assert schema.bounds["age"] == (20.0, 59.0)
+    from shared.schema_inference import propose_bounds
+
+    # By hand: 1st percentile 0.0123 + 0.02 * 0.4877 = 0.02205 -> 0.022; 99th 0.5 + 0.98 * 986.5 = 967.3 -> 970.
+    assert propose_bounds(np.array([0.0123, 0.5, 987.0])) == (0.022, 970.0)
+    assert propose_bounds(np.array([5.0, 5.0, 5.0])) == (5.0, 6.0)  # a constant column still gets a range
+
+
+def test_inferred_bounds_survive_save_config(tmp_path: Path) -> None:
+    from shared.config import dump_config, load_config
+
+    schema = infer_schema(_pooled(tmp_path), label="churn", institution_column="bank").schema
+    config = FedChurnConfig(
+        data=DataConfig(source="csv", csv_path=str(tmp_path / "pooled.csv"), institution_column="bank", schema=schema)
+    )
+    saved = tmp_path / "run.yaml"
+    saved.write_text(dump_config(config))
+    loaded = load_config(saved)
+    assert loaded.data.schema is not None and loaded.data.schema.bounds == schema.bounds
+    assert loaded.data.schema.bounds["age"] == (20.0, 59.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime as dt
 import fnmatch
@@ -42,12 +41,17 @@ def add_run_inputs(parser: argparse.ArgumentParser) -> None:
         help="override any config key, e.g. --set privacy.noise_multiplier=1.3 (repeatable)",
     )
     quick = parser.add_argument_group("quick start from one CSV (column types are inferred)")
-    quick.add_argument("--data", help="CSV with one row per customer")
+    quick.add_argument("--data", help="CSV (or .parquet) with one row per customer")
     quick.add_argument("--label", help="the churn column")
     quick.add_argument("--positive", help="the label value meaning churned (default: 1/yes/true)")
     quick.add_argument("--institution-column", help="the column naming each row's institution")
     quick.add_argument(
         "--drop", default="", help="comma-separated columns to ignore; shell patterns allowed (Naive_Bayes*)"
+    )
+    quick.add_argument(
+        "--allow-leaky",
+        default="",
+        help="comma-separated columns to keep although each nearly determines the label (default: an error)",
     )
     quick.add_argument("--save-config", help="write the resulting config as YAML to this file, to edit and reuse")
     parser.add_argument("--ray-address", help="attach to a running Ray cluster ('auto' or host:port)")
@@ -66,12 +70,20 @@ def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedCh
     if missing:
         raise ConfigError("--data", args.data, f"also needs {' and '.join(missing)}")
     drop = _expand_columns(args.data, [c.strip() for c in args.drop.split(",") if c.strip()])
+    allow_leaky = tuple(c.strip() for c in args.allow_leaky.split(",") if c.strip())
     inferred = infer_schema(
-        args.data, label=args.label, positive=args.positive, institution_column=args.institution_column, drop=drop
+        args.data,
+        label=args.label,
+        positive=args.positive,
+        institution_column=args.institution_column,
+        drop=drop,
+        allow_leaky=allow_leaky,
     )
     print(f"Columns of {args.data}:")
     for line in inferred.report:
         print(f"  {line}")
+    for line in inferred.warnings:
+        print(f"Warning: {line}")
     data = dataclasses.replace(
         base.data,
         source="csv",
@@ -87,11 +99,9 @@ def _expand_columns(path: str, patterns: list[str]) -> tuple[str, ...]:
     """``--drop CLIENTNUM,Naive_Bayes*``: shell-style patterns matched against the CSV's header."""
     if not any(ch in p for p in patterns for ch in "*?["):
         return tuple(patterns)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), [])
-    except OSError:
-        return tuple(patterns)  # the checked reader reports the problem with the file
+    from shared.table_io import read_header
+
+    header = list(read_header(path))  # CSV or Parquet; a bad file is reported with its fix
     names: list[str] = []
     for pattern in patterns:
         matched = fnmatch.filter(header, pattern) if any(ch in pattern for ch in "*?[") else [pattern]
@@ -176,7 +186,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from server.resume import RunInterrupted
-    from shared.simulation import plan_simulation, run_simulation
+    from shared.simulation import discard_plan, plan_simulation, run_simulation
 
     config = resolve_run_config(args)
     if config.federation.run_name is None:  # a name makes the run resumable, with every institution's ε
@@ -209,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         f"output {plan.config.output_dir}"
     )
     if args.dry_run:
+        discard_plan(plan)
         print("Institutions: " + ", ".join(plan.institutions))
         return 0
     try:

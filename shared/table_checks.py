@@ -1,0 +1,491 @@
+"""Checks of a table's values against the declared schema, column-wise, with the messages users know.
+
+Every problem is a ``DataError`` naming the file, the 1-based line (the header is line 1), the column and the
+fix. When a table has several problems, the one reported is the first in the file (row by row; in a row,
+numeric columns before categorical ones), as a reader going row by row would report it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shared.config import INSTITUTION_NAME_RULE, SchemaConfig, is_valid_institution_name
+from shared.errors import ConfigError, DataError
+from shared.table_io import ColumnTable, read_columns, read_header
+
+logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
+
+LABEL_POSITIVE_DEFAULTS = ("1", "yes", "true", "y", "churn", "churned")  # case-insensitive, when positive is None
+MISSING_POLICIES = ("error", "drop", "impute")
+# A declared category named so collects every undeclared value of its column (schema inference uses it for
+# values seen at one institution only); without it an undeclared value is an error.
+OTHER = "(other)"
+
+
+@dataclass(frozen=True, eq=False)
+class RawTable:
+    """One institution's rows, already checked against the schema (no scaling, no imputation yet)."""
+
+    institution: str
+    source: str  # file path, or "synthetic"
+    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank
+    categorical: np.ndarray  # object (n, len(schema.categorical)) of str; None where a cell was blank
+    labels: np.ndarray | None  # int64 0/1 (n,); None when the label column is absent
+    line_numbers: np.ndarray  # int64 (n,): 1-based CSV line of each row (the header is line 1)
+    schema: SchemaConfig
+    rows_dropped: int = 0  # rows removed by missing_values="drop" when this table was read
+    positive_value: str | None = None  # the label text that meant churn / did not, as read (write_csv uses them)
+    negative_value: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.line_numbers)
+        # Shapes are a programming contract, not user input: a mismatch is a bug.
+        if self.numeric.shape != (n, len(self.schema.numeric)):
+            raise ValueError(f"numeric has shape {self.numeric.shape}, expected {(n, len(self.schema.numeric))}")
+        if self.categorical.shape != (n, len(self.schema.categorical)):
+            raise ValueError(
+                f"categorical has shape {self.categorical.shape}, expected {(n, len(self.schema.categorical))}"
+            )
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"labels has shape {self.labels.shape}, expected {(n,)}")
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.line_numbers)
+
+    @property
+    def n_positive(self) -> int:
+        return 0 if self.labels is None else int(self.labels.sum())
+
+    @property
+    def n_blank(self) -> int:
+        """Blank cells kept for imputation (NaN numeric, None categorical)."""
+        return int(np.isnan(self.numeric).sum()) + int(np.sum(self.categorical == None))  # noqa: E711
+
+    def take(self, indices: np.ndarray) -> RawTable:
+        """The rows at ``indices``, in that order, with the same metadata."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            numeric=self.numeric[idx],
+            categorical=self.categorical[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            line_numbers=self.line_numbers[idx],
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedRows:
+    """Checked values in compact form: category codes instead of text (what the partition cache stores)."""
+
+    numeric: np.ndarray  # float64 (n, k), NaN where blank
+    codes: np.ndarray  # int16 (n, m): index into the declared categories, -1 where blank
+    labels: np.ndarray | None  # int64 0/1 (n,)
+    line_numbers: np.ndarray  # int64 (n,)
+    rows_dropped: int
+    positive_value: str | None
+    negative_value: str | None
+    kept: np.ndarray | None = None  # int64 indices of the rows kept (missing_values="drop"); None: all
+
+    def to_raw_table(self, schema: SchemaConfig, *, institution: str, source: str) -> RawTable:
+        n = len(self.line_numbers)
+        categorical = np.empty((n, len(schema.categorical)), dtype=object)
+        for j, values in enumerate(schema.categorical.values()):
+            lookup = np.array([*values, None], dtype=object)  # code -1 -> None
+            categorical[:, j] = lookup[self.codes[:, j]]
+        return RawTable(
+            institution=institution,
+            source=source,
+            numeric=np.asarray(self.numeric, dtype=np.float64),
+            categorical=categorical,
+            labels=None if self.labels is None else np.asarray(self.labels, dtype=np.int64),
+            line_numbers=np.asarray(self.line_numbers, dtype=np.int64),
+            schema=schema,
+            rows_dropped=self.rows_dropped,
+            positive_value=self.positive_value,
+            negative_value=self.negative_value,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Small column helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask(array: pa.Array) -> np.ndarray:
+    """Arrow boolean (nulls false) -> numpy bool."""
+    return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _blank(text: pa.Array) -> np.ndarray:
+    return _mask(pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_length(text), 0)))
+
+
+def _first(mask: np.ndarray) -> int | None:
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else None
+
+
+def _cell(text: pa.Array, row: int) -> str:
+    value = text[row].as_py()
+    return "" if value is None else str(value)
+
+
+def _is_positive_default(value: str) -> bool:
+    return value.strip().lower() in LABEL_POSITIVE_DEFAULTS
+
+
+def check_institution_value(value: str, path: str, line: int, column: str) -> None:
+    if not is_valid_institution_name(value):
+        raise DataError(
+            f"institution name {value!r} is not usable: institution names become folder names and must be "
+            f"{INSTITUTION_NAME_RULE}",
+            path=path,
+            line=line,
+            column=column,
+            fix="rename the value in the file, or give each institution its own file with data.institution_files",
+        )
+
+
+def institution_codes(table: ColumnTable, column: str) -> tuple[list[str], np.ndarray]:
+    """Distinct institution values in order of first appearance, and each row's index into them.
+
+    Blank or unusable values are errors at their first line.
+    """
+    text = table.text(column)
+    first_blank = _first(_blank(text))
+    encoded = pc.dictionary_encode(text)
+    values: list[str] = encoded.dictionary.to_pylist()
+    codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    first_row = np.full(len(values), -1, dtype=np.int64)
+    rows = np.arange(len(codes), dtype=np.int64)[::-1]
+    first_row[codes[::-1]] = rows  # later writes win: the first occurrence, reading backwards
+    for value, row in sorted(zip(values, first_row.tolist(), strict=True), key=lambda vr: vr[1]):
+        if first_blank is not None and first_blank <= row:
+            break
+        check_institution_value(value, table.path, int(table.line_numbers[row]), column)
+    if first_blank is not None:
+        line = int(table.line_numbers[first_blank])
+        raise DataError("blank institution cell", path=table.path, line=line, column=column)
+    return values, codes
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------
+
+
+def _labels(
+    text: pa.Array, lines: np.ndarray, *, positive: str | None, path: str, column: str
+) -> tuple[np.ndarray, str | None, str | None]:
+    """0/1 labels, the positive text and the negative text (None where not seen)."""
+    blank = _first(_blank(text))
+    if blank is not None:
+        raise DataError(
+            "blank label: every row needs its churn label",
+            path=path,
+            line=int(lines[blank]),
+            column=column,
+            fix="fill the label, or remove the row",
+        )
+    distinct: list[str] = pc.unique(text).to_pylist()  # in order of first appearance
+
+    def first_line(value: str) -> int:
+        return int(lines[int(pc.index(text, value).as_py())])
+
+    if positive is not None:
+        others = [v for v in distinct if v != positive]
+        if len(others) > 1:
+            near = [v for v in distinct if v.lower() == positive.lower() and v != positive]
+            hint = f" (labels are matched exactly: did you mean {near[0]!r}?)" if near else ""
+            raise DataError(
+                f"label value {others[1]!r} is neither the positive value {positive!r} nor the other value "
+                f"{others[0]!r}: a churn label has exactly two values{hint}",
+                path=path,
+                line=first_line(others[1]),
+                column=column,
+                fix="set data.schema.positive to the value that means churn, and use one other value",
+            )
+        negative = others[0] if others else None
+    else:
+        if len(distinct) > 2:
+            raise DataError(
+                f"label is not binary: more than 2 distinct values ({', '.join(repr(v) for v in distinct[:10])})",
+                path=path,
+                line=first_line(distinct[2]),
+                column=column,
+                fix="a churn label has exactly two values",
+            )
+        recognised = [v for v in distinct if _is_positive_default(v)]
+        if len(recognised) > 1 or (len(distinct) == 2 and not recognised):
+            raise DataError(
+                f"cannot tell which label value means churn: the values are {', '.join(repr(v) for v in distinct)}",
+                path=path,
+                column=column,
+                fix="set data.schema.positive to the value that means churn",
+            )
+        positive = recognised[0] if recognised else None
+        others = [v for v in distinct if v != positive]
+        negative = others[0] if others else None
+    labels = _mask(pc.equal(text, positive)).astype(np.int64) if positive is not None else np.zeros(len(text), np.int64)
+    return labels, positive, negative
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_finite_text(value: str) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def parse_numeric(table: ColumnTable, column: str) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(float64 values with NaN where blank, blank mask, first row holding a non-number or None)."""
+    array = table.columns[column]
+    if pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_decimal(array.type):
+        values = np.asarray(pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        blank = _mask(pc.is_null(array))
+        values = np.where(blank, np.nan, values)
+        return values, blank, _first(~blank & ~np.isfinite(values))
+    text = table.text(column)
+    blank = _blank(text)
+    try:
+        parsed = pc.cast(pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), text), pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        # Some cell is not a number: find which, by the rule users are told (Python's float of the text).
+        distinct = pc.unique(pc.filter(text, pa.array(~blank))).to_pylist()
+        bad = [v for v in distinct if not _is_finite_text(v)]
+        first_bad = _first(_mask(pc.is_in(text, value_set=pa.array(bad, pa.string()))))
+        values = np.full(len(text), np.nan)
+        good = ~blank
+        if first_bad is not None:
+            good &= ~_mask(pc.is_in(text, value_set=pa.array(bad, pa.string())))
+        ok_text = pc.filter(text, pa.array(good)).to_pylist()
+        values[good] = np.asarray([float(v) for v in ok_text], dtype=np.float64)
+        return values, blank, first_bad
+    values = np.asarray(parsed.to_numpy(zero_copy_only=False), dtype=np.float64)
+    values = np.where(blank, np.nan, values)
+    return values, blank, _first(~blank & ~np.isfinite(values))
+
+
+def check_rows(
+    table: ColumnTable,
+    schema: SchemaConfig,
+    *,
+    institution: str,
+    missing_values: str,
+    require_label: bool,
+    has_label: bool,
+) -> CheckedRows:
+    """Check one institution's rows (``table`` holds only them) and return the values in compact form."""
+    name = table.path
+    lines = table.line_numbers
+    n = table.n_rows
+
+    labels: np.ndarray | None = None
+    positive_value: str | None = schema.positive
+    negative_value: str | None = None
+    if has_label:
+        label_text = table.text(schema.label)
+        if not require_label and bool(_blank(label_text).all()):
+            logger.info("%s: label column %r is blank in every row; reading without labels", name, schema.label)
+        else:
+            labels, positive_value, negative_value = _labels(
+                label_text, lines, positive=schema.positive, path=name, column=schema.label
+            )
+
+    # Features: every column's first bad row; the earliest (numeric columns first in a row) is reported.
+    problems: list[tuple[int, int, Callable[[], DataError]]] = []
+    numeric = np.empty((n, len(schema.numeric)), dtype=np.float64)
+    blanks: list[np.ndarray] = []
+    for j, column in enumerate(schema.numeric):
+        values, blank, bad = parse_numeric(table, column)
+        numeric[:, j] = values
+        blanks.append(blank)
+        if bad is not None:
+            cell = _cell(table.text(column), bad)
+
+            def numeric_error(cell: str = cell, row: int = bad, column: str = column) -> DataError:
+                return DataError(
+                    f"{cell!r} is not a finite number",
+                    path=name,
+                    line=int(lines[row]),
+                    column=column,
+                    fix="numeric columns take plain numbers such as 42 or 3.5; leave a missing value blank, "
+                    "or declare the column under data.schema.categorical",
+                )
+
+            problems.append((bad, j, numeric_error))
+    codes = np.empty((n, len(schema.categorical)), dtype=np.int16)
+    for j, (column, allowed) in enumerate(schema.categorical.items()):
+        text = table.text(column)
+        blank = _blank(text)
+        index = pc.index_in(text, value_set=pa.array(list(allowed), pa.string()))
+        found = np.asarray(pc.fill_null(index, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        if OTHER in allowed:
+            found = np.where(found < 0, list(allowed).index(OTHER), found)
+        codes[:, j] = np.where(blank, -1, found)
+        blanks.append(blank)
+        bad = _first(~blank & (found < 0))
+        if bad is not None:
+            cell = _cell(text, bad)
+
+            def category_error(cell: str = cell, row: int = bad, column: str = column) -> DataError:
+                declared = ", ".join(repr(v) for v in schema.categorical[column])
+                return DataError(
+                    f"{cell!r} is not a declared category; allowed: {declared}",
+                    path=name,
+                    line=int(lines[row]),
+                    column=column,
+                    fix=f"add it to data.schema.categorical.{column}, or correct the value",
+                )
+
+            problems.append((bad, len(schema.numeric) + j, category_error))
+    if problems:
+        raise min(problems, key=lambda p: (p[0], p[1]))[2]()
+
+    # Blank cells, by the declared policy.
+    columns = [*schema.numeric, *schema.categorical]
+    blank_matrix = np.column_stack(blanks) if blanks else np.zeros((n, 0), dtype=bool)
+    blank_rows = blank_matrix.any(axis=1) if blanks else np.zeros(n, dtype=bool)
+    line_numbers = np.asarray(lines, dtype=np.int64)
+    rows_dropped = 0
+    kept: np.ndarray | None = None
+    first_blank_row = _first(np.asarray(blank_rows, dtype=bool))
+    if first_blank_row is not None:
+        blank_cells = int(blank_matrix.sum())
+        if missing_values == "error":
+            column = columns[int(np.argmax(blank_matrix[first_blank_row]))]
+            raise DataError(
+                f"blank cell ({blank_cells} blank cell(s) in {int(blank_rows.sum())} row(s) in all)",
+                path=name,
+                line=int(lines[first_blank_row]),
+                column=column,
+                fix="fill the cells, or set data.missing_values to 'drop' or 'impute'",
+            )
+        if missing_values == "drop":
+            keep = ~blank_rows
+            rows_dropped = int(blank_rows.sum())
+            if not keep.any():
+                raise DataError(
+                    f"every row of institution {institution!r} has a blank cell; none left after dropping them",
+                    path=name,
+                    fix="set data.missing_values to 'impute', or fill the cells",
+                )
+            kept = np.flatnonzero(keep)
+            numeric, codes, line_numbers = numeric[keep], codes[keep], line_numbers[keep]
+            labels = None if labels is None else labels[keep]
+            logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
+        else:
+            logger.info(
+                "%s (%s): %d blank cell(s) will be imputed with declared values (bounds midpoint, no category)",
+                name,
+                institution,
+                blank_cells,
+            )
+
+    if require_label and labels is not None and len(np.unique(labels)) < 2:
+        only = positive_value if labels[0] == 1 else negative_value
+        raise DataError(
+            f"label has only one value ({only!r}) at institution {institution!r}: churn prediction needs both "
+            "churned and retained customers",
+            path=name,
+            column=schema.label,
+            fix="check data.schema.positive and the institution's rows",
+        )
+    return CheckedRows(numeric, codes, labels, line_numbers, rows_dropped, positive_value, negative_value, kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# One institution from a file
+# --------------------------------------------------------------------------------------------------
+
+
+def columns_to_read(
+    header: tuple[str, ...], schema: SchemaConfig, *, require_label: bool, institution_column: str | None
+) -> tuple[list[str], list[str], bool]:
+    """(columns, their roles, whether the label is read) for a table following ``schema``."""
+    columns = [*schema.numeric, *schema.categorical]
+    roles = ["numeric"] * len(schema.numeric) + ["categorical"] * len(schema.categorical)
+    has_label = schema.label in header or require_label
+    if has_label:
+        columns.append(schema.label)
+        roles.append("label")
+    if institution_column:
+        columns.append(institution_column)
+        roles.append("institution")
+    return columns, roles, has_label
+
+
+def log_extra_columns(name: str, header: tuple[str, ...], schema: SchemaConfig, institution_column: str | None) -> None:
+    used = {schema.label, *schema.numeric, *schema.categorical, *schema.drop}
+    if institution_column:
+        used.add(institution_column)
+    extra = [h for h in header if h not in used]
+    if extra:
+        logger.info("%s: ignoring columns not in the schema: %s", name, ", ".join(extra))
+
+
+def read_csv_table(
+    path: str | Path,
+    schema: SchemaConfig,
+    *,
+    institution: str,
+    missing_values: str,
+    require_label: bool = True,
+    institution_column: str | None = None,
+) -> RawTable:
+    """Read and check one institution's rows from a CSV (or Parquet) file.
+
+    With ``institution_column`` only the rows whose value there is ``institution`` are kept. With
+    ``require_label=False`` (scoring new customers) the label column may be absent, or present with every cell
+    blank; then ``labels`` is None.
+    """
+    if missing_values not in MISSING_POLICIES:
+        raise ConfigError("data.missing_values", missing_values, f"must be one of {', '.join(MISSING_POLICIES)}")
+    header = read_header(path)
+    columns, roles, has_label = columns_to_read(
+        header, schema, require_label=require_label, institution_column=institution_column
+    )
+    table = read_columns(path, columns, roles=roles)
+    log_extra_columns(table.path, header, schema, institution_column)
+    if institution_column:
+        values, codes = institution_codes(table, institution_column)
+        if institution not in values:
+            raise DataError(
+                f"no rows for institution {institution!r}",
+                path=table.path,
+                column=institution_column,
+                fix=f"institutions in the file: {', '.join(repr(v) for v in sorted(values))}",
+            )
+        table = table.take(np.flatnonzero(codes == values.index(institution)))
+    checked = check_rows(
+        table,
+        schema,
+        institution=institution,
+        missing_values=missing_values,
+        require_label=require_label,
+        has_label=has_label,
+    )
+    return checked.to_raw_table(schema, institution=institution, source=table.path)
+
+
+def institution_first_lines(path: str, column: str) -> dict[str, int]:
+    """Distinct values of one column -> first line; blank or unusable values are errors."""
+    table = read_columns(path, [column], roles=["institution"])
+    values, codes = institution_codes(table, column)
+    first = np.full(len(values), -1, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes), dtype=np.int64)[::-1]
+    return {v: int(table.line_numbers[r]) for v, r in zip(values, first.tolist(), strict=True)}
