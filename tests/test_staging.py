@@ -14,7 +14,13 @@ from shared.errors import DataError
 from shared.partitions import cache_folder
 from shared.simulation import discard_plan, plan_simulation
 
-SCHEMA = SchemaConfig(label="churn", positive="yes", numeric=("age", "balance"), categorical={"plan": ("a", "b")})
+SCHEMA = SchemaConfig(
+    label="churn",
+    positive="yes",
+    numeric=("age", "balance"),
+    categorical={"plan": ("a", "b")},
+    bounds={"age": (18.0, 100.0), "balance": (0.0, 1.0e6)},
+)
 
 
 def _table(tmp_path: Path) -> Path:
