@@ -11,6 +11,23 @@ from shared.config import apply_overrides
 from shared.errors import ConfigError
 
 DEFAULT_OUT = "fedchurn-compare"
+DEFAULT_TARGET_EPSILON = 3.0
+
+
+def _planned(config: Any) -> Any:
+    from shared.data import institution_names, prepare_institution
+    from shared.dp_planning import plan_consortium
+
+    names = institution_names(config.data, seed=config.seed)
+    sizes = [len(prepare_institution(config, name).y_train) for name in names]  # row counts only
+    planned = plan_consortium(config, sizes=sizes)
+    t = planned.training
+    print(
+        f"Planned for ε = {config.privacy.target_epsilon:g} (median bank of {sorted(sizes)}): expected batch "
+        f"{t.batch_size}, {t.local_epochs} epoch(s) per round x {config.rounds} rounds, {t.optimizer} at "
+        f"learning rate {t.learning_rate:g}, clipping norm {planned.privacy.clipping_norm:g}"
+    )
+    return planned
 
 
 def register(commands: Any) -> None:
@@ -34,7 +51,13 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--target-epsilon",
         type=float,
-        help="ε per customer row for the whole run, every private mode (default: privacy.target_epsilon)",
+        help="ε per customer row for the whole run, every private mode (default: privacy.target_epsilon, else 3)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="choose batch size, epochs, learning rate and clipping for the target ε from the institutions' row "
+        "counts (shared/dp_planning.py) instead of the config's training settings",
     )
     parser.set_defaults(handler=run)
 
@@ -58,7 +81,16 @@ def run(args: argparse.Namespace) -> int:
         else default_modes(encoder_checkpoint=checkpoint)
     )
     seeds = seeds_from(config.seed, args.seeds)
-    config = at_target_epsilon(config, args.target_epsilon)  # refuses before anything runs
+    target = args.target_epsilon
+    if target is None and config.privacy.target_epsilon is None:
+        target = DEFAULT_TARGET_EPSILON
+        print(
+            f"The config fixes σ = {config.privacy.noise_multiplier}, which gives each mode a different ε; "
+            f"comparing at one target ε = {target:g} instead (--target-epsilon to choose)"
+        )
+    config = at_target_epsilon(config, target)  # refuses before anything runs
+    if args.plan:
+        config = _planned(config)
     out = Path(args.out or DEFAULT_OUT)
     config = apply_overrides(config, {"output_dir": str(out.resolve())})
     if (out / COMPARISON_JSON).exists() and not args.overwrite:
