@@ -188,8 +188,8 @@ class TrainingConfig:
 
     local_epochs: int = 1
     batch_size: int = 64  # expected batch size; with DP the sample rate is batch_size / rows
-    learning_rate: float = 0.1
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = 0.02
+    optimizer: Literal["sgd", "adam"] = "adam"
     momentum: float = 0.9  # sgd only
 
     def __post_init__(self) -> None:
