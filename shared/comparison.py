@@ -130,15 +130,27 @@ def _one_ray(config: FedChurnConfig, modes: Sequence[str], ray_address: str | No
         yield head.address
 
 
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run_mode(
     config: FedChurnConfig, mode: str, names: Sequence[str], *, out: Path, ray_address: str | None, verbose: bool
 ) -> dict[str, dict[str, Any]]:
     from shared.baselines import run_centralized, run_local, run_sklearn
 
-    if mode == "local":
-        return run_local(config, names)
-    if mode == "centralized":
-        return run_centralized(config, names)
+    if mode in ("local", "centralized"):
+        with _torch_threads(max(1, int(config.simulation.client_num_cpus))):
+            # As many threads as a simulated institution gets: more only contend on these tiny layers.
+            return run_local(config, names) if mode == "local" else run_centralized(config, names)
     if mode in NON_PRIVATE_BASELINES:
         return run_sklearn(config, names, kind=mode)
     from shared.simulation import plan_simulation, run_simulation

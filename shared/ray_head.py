@@ -31,6 +31,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGTERM the head when the process that started it dies (even by
+    SIGKILL), so an interrupted comparison never leaves a Ray behind. Elsewhere ``stop()`` is the only way."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _ray_executable() -> str:
     beside = Path(sys.executable).with_name("ray")  # the ray of this interpreter's environment
     if beside.exists():
@@ -73,7 +83,12 @@ class RayHead:
         with open(self.log_path, "wb") as log:
             # Its own session: stopping it later signals this head's process group and nothing else.
             self._process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self._wait_until_up(self._process)
         logger.info("Ray head at %s (pid %d, %d CPUs)", self.address, self._process.pid, self.num_cpus)
