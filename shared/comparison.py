@@ -152,7 +152,10 @@ def _run_mode(
             # As many threads as a simulated institution gets: more only contend on these tiny layers.
             return run_local(config, names) if mode == "local" else run_centralized(config, names)
     if mode in NON_PRIVATE_BASELINES:
-        return run_sklearn(config, names, kind=mode)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(max(1, int(config.simulation.client_num_cpus))):  # OpenMP in the trees: the same
+            return run_sklearn(config, names, kind=mode)
     from shared.simulation import plan_simulation, run_simulation
 
     mode_config = dataclasses.replace(

@@ -166,3 +166,50 @@ def test_local_epsilon_follows_the_accountant_for_the_derived_sigma(tmp_path: Pa
         expected = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
         assert by_mode["local"]["epsilon"] == pytest.approx(expected, rel=1e-9)
         assert expected <= 2.0
+
+
+def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray starts once for all modes and seeds; each run gets the same target ε and no fixed σ."""
+    import shared.ray_head
+    import shared.simulation
+
+    heads: list[str] = []
+    calls: list[tuple[str, int, str | None, float | None, float | None]] = []
+
+    class FakeHead:
+        def __init__(self, *, num_cpus: int, log_path: Path) -> None:
+            self.address = f"127.0.0.1:{6000 + len(heads)}"
+
+        def __enter__(self) -> FakeHead:
+            heads.append(self.address)
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def fake_plan(config: FedChurnConfig) -> FedChurnConfig:
+        return config
+
+    def fake_run(plan: FedChurnConfig, *, ray_address: str | None = None, verbose: bool = False) -> dict:
+        privacy = plan.privacy
+        calls.append((plan.transfer.mode, plan.seed, ray_address, privacy.target_epsilon, privacy.noise_multiplier))
+        return {"institutions": {"bank-01": {"auc": 0.7, "pr_auc": 0.4, "epsilon": 2.99, "n_train": 10}}}
+
+    monkeypatch.setattr(shared.ray_head, "RayHead", FakeHead)
+    monkeypatch.setattr(shared.simulation, "plan_simulation", fake_plan)
+    monkeypatch.setattr(shared.simulation, "run_simulation", fake_run)
+    config = apply_overrides(_config(tmp_path), {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})
+    comparison = run_comparison(
+        config, modes=("finetune", "fedrep"), seeds=(0, 1), target_epsilon=3.0, output_dir=tmp_path / "cmp"
+    )
+    assert heads == ["127.0.0.1:6000"]
+    assert sorted((mode, seed) for mode, seed, *_ in calls) == [
+        ("fedrep", 0),
+        ("fedrep", 1),
+        ("finetune", 0),
+        ("finetune", 1),
+    ]
+    assert {(address, target, sigma) for _, _, address, target, sigma in calls} == {("127.0.0.1:6000", 3.0, None)}
+    assert comparison["institutions"]["bank-01"]["fedrep"]["auc_per_seed"] == [0.7, 0.7]
