@@ -139,7 +139,12 @@ def plot_comparison(comparison: Mapping[str, Any], path: Path) -> None:
 
     names = list(comparison["institutions"])
     modes = comparison["modes"]
-    labels = [f"{comparison['mode_labels'][m]}\n[{_epsilon_text(comparison, m)}]" for m in modes]
+    labels = [
+        f"{comparison['mode_labels'][m]}\n[{_epsilon_text(comparison, m)}]"
+        if comparison["private"].get(m)
+        else comparison["mode_labels"][m]  # already says "not private"
+        for m in modes
+    ]
     columns = min(3, max(1, len(names)))
     rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(
@@ -172,7 +177,8 @@ def plot_comparison(comparison: Mapping[str, Any], path: Path) -> None:
         ax.axvline(CHANCE_AUC, color="tab:red", linestyle="--", linewidth=1)
         ax.set_xlim(low, 1.0)
         size = sizes.get(name, {})
-        ax.set_title(f"{name} (train {size.get('n_train', '?')}, test {size.get('n_test', '?')})", fontsize=9)
+        title = f"{name} (train {size.get('n_train', '?')}, test {size.get('n_test', '?')})"
+        ax.set_title(title.replace("$", r"\$"), fontsize=9)  # "$40K - $60K" is a name, not mathematics
         ax.grid(axis="x", alpha=0.3)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=7)
