@@ -97,8 +97,7 @@ def at_target_epsilon(config: FedChurnConfig, target_epsilon: float | None) -> F
             "different ε (fedrep trains two phases)",
             "pass --target-epsilon 3, or set privacy.target_epsilon and privacy.noise_multiplier=null",
         )
-    new_privacy = dataclasses.replace(privacy, target_epsilon=float(target), noise_multiplier=None)
-    new_privacy.__post_init__()  # checks the range of the new target
+    new_privacy = dataclasses.replace(privacy, target_epsilon=float(target), noise_multiplier=None)  # re-checked
     return dataclasses.replace(config, privacy=new_privacy)
 
 
@@ -201,10 +200,9 @@ def run_comparison(
                 for name in names:
                     if name in results:
                         runs[name][mode].append({key: _number(results[name].get(key)) for key in KEPT_METRICS})
-                        if "n_train" in results[name]:
-                            sizes.setdefault(name, {"n_train": int(results[name]["n_train"])})
-                        if "n_test" in results[name]:
-                            sizes[name]["n_test"] = int(results[name]["n_test"])
+                        for key in ("n_train", "n_test"):
+                            if results[name].get(key) is not None:
+                                sizes.setdefault(name, {}).setdefault(key, int(results[name][key]))
                 if on_run is not None:
                     on_run(mode, seed, took)
     comparison = summarise(

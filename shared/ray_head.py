@@ -7,6 +7,7 @@ in a child process outlives those shutdowns: each simulation attaches to it by a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +25,7 @@ from shared.errors import SimulationError
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
 
 
 def _free_port() -> int:
@@ -59,6 +62,7 @@ class RayHead:
         self.log_path = log_path
         self.address = ""
         self._process: subprocess.Popen[bytes] | None = None
+        self._temp_dir: str | None = None
 
     def __enter__(self) -> RayHead:
         from shared.simulation import QUIET_ENVIRONMENT
@@ -68,11 +72,15 @@ class RayHead:
         env = {**os.environ, **QUIET_ENVIRONMENT}
         project_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
+        # Its own temp dir: `ray start` records its address there (ray_current_cluster), and a plain ray.init()
+        # reading the default temp dir would otherwise try to join this head long after it is gone.
+        self._temp_dir = tempfile.mkdtemp(prefix="fedchurn-ray-")
         command = [
             _ray_executable(),
             "start",
             "--head",
             "--block",
+            f"--temp-dir={self._temp_dir}",
             f"--port={port}",
             f"--num-cpus={self.num_cpus}",
             "--num-gpus=0",
@@ -90,7 +98,11 @@ class RayHead:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        self._wait_until_up(self._process)
+        try:
+            self._wait_until_up(self._process)
+        except BaseException:
+            self.stop()
+            raise
         logger.info("Ray head at %s (pid %d, %d CPUs)", self.address, self._process.pid, self.num_cpus)
         return self
 
@@ -107,21 +119,38 @@ class RayHead:
                     return
             except OSError:
                 time.sleep(0.5)
-        self.stop()
         raise SimulationError(f"a local Ray head did not come up within {START_TIMEOUT_S:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
         try:
-            os.killpg(process.pid, signal.SIGTERM)  # the head and the Ray processes it started
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+            if process is not None and process.poll() is None:
+                self._terminate(process)
+        finally:
+            temp_dir, self._temp_dir = self._temp_dir, None
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen[bytes]) -> None:
+        """SIGTERM the head's process group (the head and every Ray process it started), wait until the group is
+        empty, SIGKILL what is left after STOP_TIMEOUT_S."""
+        group = process.pid  # its own session: group id = its pid
+        try:
+            os.killpg(group, signal.SIGTERM)
         except ProcessLookupError:
-            pass
+            return
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            process.poll()  # reap the head itself
+            try:
+                os.killpg(group, 0)  # raises once no process of the group is left
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        process.wait(timeout=10)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

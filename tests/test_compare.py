@@ -213,3 +213,26 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
     ]
     assert {(address, target, sigma) for _, _, address, target, sigma in calls} == {("127.0.0.1:6000", 3.0, None)}
     assert comparison["institutions"]["bank-01"]["fedrep"]["auc_per_seed"] == [0.7, 0.7]
+
+
+@pytest.mark.slow
+def test_the_ray_head_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a comparison's Ray head stops: no process of its group, and a plain ray.init() starts afresh."""
+    import os
+    import subprocess
+
+    import ray
+
+    from shared.ray_head import RayHead
+
+    default_temp = tmp_path / "ray-default"
+    monkeypatch.setenv("RAY_TMPDIR", str(default_temp))
+    with RayHead(num_cpus=1, log_path=tmp_path / "head.log") as head:
+        group = head._process.pid if head._process is not None else -1
+        ray.init(address=head.address, logging_level="ERROR")
+        assert ray.cluster_resources().get("CPU") == 1.0
+        ray.shutdown()
+    listing = subprocess.run(["ps", "-eo", "pgid="], capture_output=True, text=True, check=True).stdout
+    assert str(group) not in listing.split()
+    assert not (default_temp / "ray" / "ray_current_cluster").exists()
+    assert os.environ.get("RAY_ADDRESS") is None
