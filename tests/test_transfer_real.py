@@ -33,7 +33,7 @@ def test_pretrained_transfer_beats_local_for_small_banks(tmp_path: Path) -> None
     encoder = pretrain_encoder(config, out_dir=tmp_path / "enc").checkpoint
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, encoder_checkpoint=str(encoder)))
     comparison = run_comparison(config, modes=("local", "finetune"), target_epsilon=3.0, output_dir=tmp_path / "cmp")
-    by_size = sorted(comparison["institutions"], key=lambda name: comparison["n_train"][name])
+    by_size = sorted(comparison["institutions"], key=lambda name: comparison["sizes"][name]["n_train"])
     for name in by_size[:3]:  # the three smallest banks (162 to 333 training rows)
         result = comparison["institutions"][name]
         assert 2.9 <= result["local"]["epsilon"] <= 3.0 and 2.9 <= result["finetune"]["epsilon"] <= 3.0
