@@ -1,10 +1,12 @@
-"""The reference modes, in-process (no Flower, no Ray): ``local`` and ``centralized``.
+"""The reference modes, in-process (no Flower, no Ray): ``local``, ``centralized``, ``logreg`` and ``hgb``.
 
 - ``local``: each institution alone: the same model, the same seeded initial weights as a federation without a
   pretrained encoder (a bank that does not join has no consortium encoder), the same DP-SGD (σ, q, steps per
   round, rounds), so its ε equals a ``finetune`` federation's. Nothing leaves the institution.
 - ``centralized``: every institution's training rows pooled (each preprocessed by its own preprocessor, as in
-  the federation) and trained WITHOUT differential privacy: an upper bound for research, never a deployment.
+  the federation) and trained WITHOUT differential privacy: not private, pooled; never a deployment.
+- ``logreg`` / ``hgb``: each institution's own training rows, scikit-learn logistic regression and
+  histogram gradient-boosted trees, WITHOUT differential privacy: what a bank's analysts would fit today.
 
 Both evaluate on each institution's own test rows, from the same splits as every federated mode.
 """
@@ -86,7 +88,7 @@ def run_local(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, 
 
 
 def run_centralized(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """All training rows pooled, no DP (ε reported as None): the research upper bound."""
+    """All training rows pooled, no DP (ε reported as None): not private, pooled."""
     prepared = [prepare_institution(config, name) for name in institutions]
     x = np.concatenate([p.x_train for p in prepared])
     y = np.concatenate([p.y_train for p in prepared])
@@ -105,3 +107,34 @@ def run_centralized(config: FedChurnConfig, institutions: Sequence[str]) -> dict
             seed=derive_seed(config.seed, "centralized", server_round, "train"),
         )
     return {p.name: _result(model, p, epsilon=math.inf) for p in prepared}
+
+
+def run_sklearn(config: FedChurnConfig, institutions: Sequence[str], *, kind: str) -> dict[str, dict[str, Any]]:
+    """Each institution's own non-private scikit-learn model (``logreg`` or ``hgb``) on the same splits."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    from shared.metrics import brier_score, pr_auc, roc_auc
+
+    results: dict[str, dict[str, Any]] = {}
+    for name in institutions:
+        data = prepare_institution(config, name)
+        seed = derive_seed(config.seed, name, kind) % 2**31
+        estimator: Any
+        if kind == "logreg":
+            estimator = LogisticRegression(max_iter=5000)
+        elif kind == "hgb":
+            estimator = HistGradientBoostingClassifier(random_state=seed)
+        else:
+            raise ValueError(f"unknown scikit-learn baseline {kind!r}: logreg or hgb")
+        estimator.fit(data.x_train, data.y_train)
+        scores = estimator.predict_proba(data.x_test)[:, 1]
+        results[name] = {
+            "auc": roc_auc(data.y_test, scores),
+            "pr_auc": pr_auc(data.y_test, scores),
+            "brier": brier_score(data.y_test, scores),
+            "epsilon": None,
+            "n_train": len(data.y_train),
+            "n_test": len(data.y_test),
+        }
+    return results

@@ -1,9 +1,19 @@
-"""`fedchurn compare`: every transfer mode on identical splits and seeds, side by side.
+"""`fedchurn compare`: every transfer mode and the baselines a bank would weigh, at one target ε, over seeds.
 
-Splits depend only on (seed, institution name), and every mode starts from the same seeded weights (plus
-``model.encoder_checkpoint`` for the federated modes), so the differences are the modes'. Writes
-``comparison.json``, ``comparison.md`` and ``comparison.png`` (AUC per institution per mode), and each federated
-mode's full run under ``DIR/MODE/``.
+Fair by construction:
+
+- every private mode is given the same ``privacy.target_epsilon`` per institution, and each derives its own σ
+  over its own steps (fedrep's two DP phases together spend what the one-phase modes spend);
+- each seed changes the splits, the initial weights, the sampling and the noise; every mode sees the same seed's
+  splits, so differences within a seed are the modes'. Results are the mean over seeds with a 95 % confidence
+  interval (Student t);
+- ``frozen`` trains heads on a fixed encoder: it is only meaningful with a pretrained one, and is refused
+  without ``model.encoder_checkpoint``;
+- next to the private modes: each bank's own non-private logistic regression and gradient-boosted trees, its own
+  DP model alone (``local``), and the pooled non-private network (``centralized``), each labelled as such.
+
+The federated modes all run on one local Ray head started once (or on ``--ray-address``). Writes
+``comparison.json``, ``comparison.md`` and ``comparison.png``, and each federated run under ``DIR/seed-S/MODE/``.
 """
 
 from __future__ import annotations
@@ -12,29 +22,89 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from shared.config import FedChurnConfig, dump_config
 from shared.data import institution_names
 from shared.errors import ConfigError
-from shared.transfer import ALL_MODES, MODE_LABELS, REFERENCE_MODES
+from shared.transfer import FEDERATED_MODES
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
 KEPT_METRICS = ("auc", "pr_auc", "epsilon")
 
+NON_PRIVATE_BASELINES: tuple[str, ...] = ("logreg", "hgb")  # each bank on its own rows, scikit-learn
+COMPARE_MODES: tuple[str, ...] = (*FEDERATED_MODES, "local", "centralized", *NON_PRIVATE_BASELINES)
+PRIVATE_MODES: tuple[str, ...] = (*FEDERATED_MODES, "local")
 
-def parse_modes(text: str) -> tuple[str, ...]:
+MODE_LABELS = {
+    "finetune": "finetune",
+    "frozen": "frozen (pretrained encoder)",
+    "fedrep": "fedrep",
+    "fedavg": "fedavg (head shared)",
+    "local": "local (own DP model alone)",
+    "centralized": "pooled network (not private, pooled)",
+    "logreg": "own logistic regression (not private)",
+    "hgb": "own gradient-boosted trees (not private)",
+}
+
+
+def parse_modes(text: str, *, encoder_checkpoint: str | None) -> tuple[str, ...]:
+    """``"fedrep,local"`` -> modes, refusing unknown or repeated ones and ``frozen`` without an encoder."""
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in ALL_MODES]
+    unknown = [m for m in modes if m not in COMPARE_MODES]
     if not modes or unknown:
-        raise ConfigError("--modes", text, f"must list modes among {', '.join(ALL_MODES)}")
+        raise ConfigError("--modes", text, f"must list modes among {', '.join(COMPARE_MODES)}")
     if len(set(modes)) != len(modes):
         raise ConfigError("--modes", text, "lists a mode twice")
+    if "frozen" in modes and not encoder_checkpoint:
+        raise ConfigError(
+            "--modes",
+            text,
+            "'frozen' trains only the heads on a fixed encoder, so it needs a pretrained encoder "
+            "(with a random one it measures nothing)",
+            "run 'fedchurn pretrain --out enc/' and add --set model.encoder_checkpoint=enc/encoder.pt, "
+            "or leave frozen out of --modes",
+        )
     return modes
+
+
+def default_modes(*, encoder_checkpoint: str | None) -> tuple[str, ...]:
+    """Every mode; ``frozen`` only when there is a pretrained encoder."""
+    return tuple(m for m in COMPARE_MODES if m != "frozen" or encoder_checkpoint)
+
+
+def at_target_epsilon(config: FedChurnConfig, target_epsilon: float | None) -> FedChurnConfig:
+    """The config every mode runs with: σ derived per mode from one target ε (the given one, else the config's)."""
+    privacy = config.privacy
+    if not privacy.enabled:
+        raise ConfigError(
+            "privacy.enabled",
+            False,
+            "compare measures the private modes at one target ε",
+            "set privacy.enabled=true (the non-private baselines are part of the comparison anyway)",
+        )
+    target = target_epsilon if target_epsilon is not None else privacy.target_epsilon
+    if target is None:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            None,
+            f"compare needs one target ε for every mode; a fixed σ ({privacy.noise_multiplier}) gives each mode a "
+            "different ε (fedrep trains two phases)",
+            "pass --target-epsilon 3, or set privacy.target_epsilon and privacy.noise_multiplier=null",
+        )
+    new_privacy = dataclasses.replace(privacy, target_epsilon=float(target), noise_multiplier=None)  # re-checked
+    return dataclasses.replace(config, privacy=new_privacy)
+
+
+def seeds_from(base_seed: int, count: int) -> tuple[int, ...]:
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 100:
+        raise ConfigError("--seeds", count, "must be a whole number of seeds in 1..100")
+    return tuple(base_seed + i for i in range(count))
 
 
 def _number(value: Any) -> float | None:
@@ -44,109 +114,116 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+@contextmanager
+def _one_ray(config: FedChurnConfig, modes: Sequence[str], ray_address: str | None, out: Path) -> Iterator[str | None]:
+    """The address every federated run attaches to: the given one, or one local head for all modes and seeds."""
+    address = ray_address or config.simulation.ray_address
+    if address or not any(m in FEDERATED_MODES for m in modes):
+        yield address
+        return
+    import os
+
+    from shared.ray_head import RayHead
+
+    with RayHead(num_cpus=config.simulation.ray_num_cpus or os.cpu_count() or 1, log_path=out / "ray-head.log") as head:
+        yield head.address
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_mode(
+    config: FedChurnConfig, mode: str, names: Sequence[str], *, out: Path, ray_address: str | None, verbose: bool
+) -> dict[str, dict[str, Any]]:
+    from shared.baselines import run_centralized, run_local, run_sklearn
+
+    if mode in ("local", "centralized"):
+        with _torch_threads(max(1, int(config.simulation.client_num_cpus))):
+            # As many threads as a simulated institution gets: more only contend on these tiny layers.
+            return run_local(config, names) if mode == "local" else run_centralized(config, names)
+    if mode in NON_PRIVATE_BASELINES:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(max(1, int(config.simulation.client_num_cpus))):  # OpenMP in the trees: the same
+            return run_sklearn(config, names, kind=mode)
+    from shared.simulation import plan_simulation, run_simulation
+
+    mode_config = dataclasses.replace(
+        config,
+        transfer=dataclasses.replace(config.transfer, mode=mode),  # type: ignore[arg-type]
+        output_dir=str(out / f"seed-{config.seed}" / mode),
+    )
+    summary = run_simulation(plan_simulation(mode_config), ray_address=ray_address, verbose=verbose)
+    return summary["institutions"]  # type: ignore[no-any-return]
+
+
 def run_comparison(
     config: FedChurnConfig,
     *,
     modes: Sequence[str],
     output_dir: str | Path,
+    seeds: Sequence[int] | None = None,
+    target_epsilon: float | None = None,
     ray_address: str | None = None,
     verbose: bool = False,
-    on_mode: Any = None,
+    on_run: Callable[[str, int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Run each mode; return and write ``{"institutions": {NAME: {MODE: {auc, pr_auc, epsilon}}}, ...}``."""
-    from shared.baselines import run_centralized, run_local
-    from shared.simulation import plan_simulation, run_simulation
+    """Run every mode for every seed; write and return the comparison (see ``summarise``)."""
+    from shared.comparison_report import markdown_table, plot_comparison, summarise
 
+    parse_modes(",".join(modes), encoder_checkpoint=config.model.encoder_checkpoint)
+    config = at_target_epsilon(config, target_epsilon)
+    seeds = tuple(seeds) if seeds is not None else (config.seed,)
     out = Path(output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     names = institution_names(config.data, seed=config.seed)
-    table: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in names}
-    sizes: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-    for mode in modes:
-        started = time.perf_counter()
-        if mode in REFERENCE_MODES:
-            results = run_local(config, names) if mode == "local" else run_centralized(config, names)
-        else:
-            mode_config = dataclasses.replace(
-                config,
-                transfer=dataclasses.replace(config.transfer, mode=mode),  # type: ignore[arg-type]
-                output_dir=str(out / mode),
-            )
-            summary = run_simulation(plan_simulation(mode_config), ray_address=ray_address, verbose=verbose)
-            results = summary["institutions"]
-        seconds[mode] = round(time.perf_counter() - started, 2)
-        for name in names:
-            if name in results:
-                table[name][mode] = {key: _number(results[name].get(key)) for key in KEPT_METRICS}
-                sizes.setdefault(name, int(results[name].get("n_train", 0)))
-        if on_mode is not None:
-            on_mode(mode, seconds[mode])
-    comparison = {
-        "institutions": table,
-        "modes": list(modes),
-        "mode_labels": {m: MODE_LABELS[m] for m in modes},
-        "n_train": sizes,
-        "seconds": seconds,
-        "seed": config.seed,
-        "rounds": config.rounds,
-        "encoder_checkpoint": config.model.encoder_checkpoint,
-        "notes": {
-            "epsilon": "per customer row at privacy.delta, cumulative over the run; null: no DP",
-            "centralized": "pooled rows, NOT private: a research upper bound only",
-            "local": "each institution alone, random initial encoder, same DP; the encoder checkpoint is not used",
-        },
-    }
+    runs: dict[str, dict[str, list[dict[str, float | None]]]] = {name: {m: [] for m in modes} for name in names}
+    sizes: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {m: 0.0 for m in modes}
+    with _one_ray(config, modes, ray_address, out) as address:
+        for seed in seeds:
+            seed_config = dataclasses.replace(config, seed=seed)
+            for mode in modes:
+                started = time.perf_counter()
+                results = _run_mode(seed_config, mode, names, out=out, ray_address=address, verbose=verbose)
+                took = time.perf_counter() - started
+                seconds[mode] = round(seconds[mode] + took, 2)
+                for name in names:
+                    if name in results:
+                        runs[name][mode].append({key: _number(results[name].get(key)) for key in KEPT_METRICS})
+                        for key in ("n_train", "n_test"):
+                            if results[name].get(key) is not None:
+                                sizes.setdefault(name, {}).setdefault(key, int(results[name][key]))
+                if on_run is not None:
+                    on_run(mode, seed, took)
+    comparison = summarise(
+        runs,
+        modes=modes,
+        labels={m: MODE_LABELS[m] for m in modes},
+        private={m: m in PRIVATE_MODES for m in modes},
+        target_epsilon=config.privacy.target_epsilon,
+        delta=config.privacy.delta,
+        seeds=seeds,
+    )
+    comparison.update(
+        {
+            "sizes": sizes,
+            "seconds": seconds,
+            "rounds": config.rounds,
+            "encoder_checkpoint": config.model.encoder_checkpoint,
+        }
+    )
     (out / COMPARISON_JSON).write_text(json.dumps(comparison, indent=2), encoding="utf-8")
     (out / COMPARISON_MD).write_text(markdown_table(comparison), encoding="utf-8")
     (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     plot_comparison(comparison, out / COMPARISON_PNG)
     return comparison
-
-
-def markdown_table(comparison: dict[str, Any]) -> str:
-    """One row per institution, one column per mode: "AUC (ε …)"."""
-    modes = comparison["modes"]
-    header = "| institution | n_train | " + " | ".join(comparison["mode_labels"][m] for m in modes) + " |"
-    lines = [header, "|" + "---|" * (len(modes) + 2)]
-    for name, by_mode in comparison["institutions"].items():
-        cells = []
-        for mode in modes:
-            m = by_mode.get(mode)
-            if m is None or m["auc"] is None:
-                cells.append("—")
-                continue
-            eps = "ε n/a (no DP)" if m["epsilon"] is None else f"ε {m['epsilon']:.2f}"
-            cells.append(f"{m['auc']:.3f} ({eps})")
-        lines.append(f"| {name} | {comparison['n_train'].get(name, '')} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Test AUC per institution; ε per customer row, cumulative over the run. Centralized pools the rows")
-    lines.append("without differential privacy: a research upper bound only.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(comparison: dict[str, Any], path: Path) -> None:
-    """Grouped bars: AUC per institution (x) per mode (colour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(comparison["institutions"])
-    modes = comparison["modes"]
-    width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names) + 2), 4.5))
-    for i, mode in enumerate(modes):
-        values = [(comparison["institutions"][n].get(mode) or {}).get("auc") for n in names]
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=comparison["mode_labels"][mode])
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{n}\n(n={comparison['n_train'].get(n, '?')})" for n in names], fontsize=8)
-    ax.set_ylabel("test AUC")
-    aucs = [m["auc"] for by in comparison["institutions"].values() for m in by.values() if m and m["auc"] is not None]
-    ax.set_ylim(max(0.0, min(aucs, default=0.5) - 0.05), min(1.0, max(aucs, default=1.0) + 0.03))
-    ax.set_title("Test AUC per institution and transfer mode")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -12,7 +12,7 @@ fedrep         head (encoder fixed), then encoder (head       encoder           
                fixed): two DP phases on the same rows
 fedavg         encoder + head (the usual FedAvg baseline)     encoder + head              both
 local          each institution alone: no federation          (not a federation)          —
-centralized    all rows pooled, NOT private (upper bound)     (not a federation)          —
+centralized    all rows pooled, NOT private                   (not a federation)          —
 =============  =============================================  ==========================  =================
 """
 
@@ -33,15 +33,6 @@ Part = Literal["all", "head", "encoder"]
 FEDERATED_MODES: tuple[str, ...] = ("finetune", "frozen", "fedrep", "fedavg")  # run on Flower
 REFERENCE_MODES: tuple[str, ...] = ("local", "centralized")  # run in-process by fedchurn compare
 ALL_MODES: tuple[str, ...] = FEDERATED_MODES + REFERENCE_MODES
-
-MODE_LABELS = {
-    "finetune": "finetune",
-    "frozen": "frozen",
-    "fedrep": "fedrep",
-    "fedavg": "fedavg (head shared)",
-    "local": "local (alone)",
-    "centralized": "centralized (pooled, NOT private: upper bound)",
-}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Source domain, checkpoint provenance, Ray Train pretraining, in-process comparison, and scoring new customers."""
+"""Source domain, checkpoint provenance, Ray Train pretraining, and scoring new customers (compare: test_compare.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 
 from clients.evaluation import predict_probabilities
 from shared.baselines import fresh_model
-from shared.comparison import parse_modes, run_comparison
 from shared.config import FedChurnConfig, SchemaConfig, SyntheticConfig, default_config, dump_config
 from shared.data import (
     SYNTHETIC_SCHEMA,
@@ -27,7 +26,6 @@ from shared.errors import CheckpointError, ConfigError, DataError
 from shared.metrics import risk_deciles
 from shared.model import encoder_arrays, head_state, save_encoder_checkpoint
 from shared.pretrain import swap_noise
-from shared.privacy import compute_epsilon, sample_rate_for
 from shared.provenance import check_schema_metadata, load_checked_encoder, schema_fingerprint, schema_metadata
 from shared.scoring import score_customers
 from shared.source_data import load_source, synthetic_source_table
@@ -135,32 +133,6 @@ def test_pretrain_on_ray_train_writes_a_checked_encoder_with_provenance(tmp_path
     )
     arrays = load_checked_encoder(with_checkpoint, SYNTHETIC_SCHEMA.feature_names)
     assert set(arrays) == set(result.arrays)
-
-
-# --- compare, in process (the reference modes) ----------------------------------------------------
-
-
-def test_compare_reference_modes_write_table_chart_and_honest_epsilon(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    out = tmp_path / "cmp"
-    comparison = run_comparison(config, modes=parse_modes("local,centralized"), output_dir=out)
-    written = json.loads((out / "comparison.json").read_text())
-    assert set(written["institutions"]) == {"bank-01", "bank-02"}
-    for name, by_mode in written["institutions"].items():
-        assert set(by_mode) == {"local", "centralized"}
-        assert by_mode["centralized"]["epsilon"] is None  # not private: no ε claimed
-        n = prepare_institution(config, name).y_train.shape[0]
-        q = sample_rate_for(dataset_size=n, batch_size=config.training.batch_size)
-        steps = config.rounds * math.ceil(n / config.training.batch_size)
-        expected = compute_epsilon(noise_multiplier=1.2, sample_rate=q, steps=steps, delta=1e-5)
-        assert by_mode["local"]["epsilon"] == pytest.approx(expected, rel=1e-9)
-        assert 0.5 < by_mode["centralized"]["auc"] <= 1.0
-    assert comparison["institutions"] == written["institutions"]
-    table = (out / "comparison.md").read_text()
-    assert "| bank-01 |" in table and "NOT private" in table
-    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ConfigError, match="--modes"):
-        parse_modes("local,sideways")
 
 
 # --- predict --------------------------------------------------------------------------------------

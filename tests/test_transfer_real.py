@@ -1,7 +1,7 @@
 """The product claims of transfer learning, measured (slow: Ray Train and several Ray federations).
 
 - synthetic consortium with small banks: a supervised-pretrained encoder, fine-tuned in the federation, beats
-  each small bank training alone (same model, same DP, same ε);
+  each small bank training alone (same model, same DP, same target ε);
 - BankChurners split by Income_Category, at the same target ε for every institution: fedrep is never worse than
   local by more than 0.01 AUC.
 """
@@ -32,11 +32,11 @@ def test_pretrained_transfer_beats_local_for_small_banks(tmp_path: Path) -> None
     )
     encoder = pretrain_encoder(config, out_dir=tmp_path / "enc").checkpoint
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, encoder_checkpoint=str(encoder)))
-    comparison = run_comparison(config, modes=("local", "finetune"), output_dir=tmp_path / "cmp")
-    by_size = sorted(comparison["institutions"], key=lambda name: comparison["n_train"][name])
+    comparison = run_comparison(config, modes=("local", "finetune"), target_epsilon=3.0, output_dir=tmp_path / "cmp")
+    by_size = sorted(comparison["institutions"], key=lambda name: comparison["sizes"][name]["n_train"])
     for name in by_size[:3]:  # the three smallest banks (162 to 333 training rows)
         result = comparison["institutions"][name]
-        assert result["finetune"]["epsilon"] == pytest.approx(result["local"]["epsilon"])
+        assert 2.9 <= result["local"]["epsilon"] <= 3.0 and 2.9 <= result["finetune"]["epsilon"] <= 3.0
         assert result["finetune"]["auc"] > result["local"]["auc"] + 0.05, (name, result)
 
 
