@@ -157,13 +157,35 @@ def _run_mode(
             return run_sklearn(config, names, kind=mode)
     from shared.simulation import plan_simulation, run_simulation
 
+    # A research comparison, every party played by one researcher: the banks split by the seed (the same rows as the
+    # baselines above, seed by seed), release no DP evaluation (every mode's ε is its training alone, like local's),
+    # and each bank's final model is scored here on its exact test rows, as the baselines are.
     mode_config = dataclasses.replace(
         config,
         transfer=dataclasses.replace(config.transfer, mode=mode),  # type: ignore[arg-type]
+        privacy=dataclasses.replace(config.privacy, reproducible_noise=True),
+        evaluation=dataclasses.replace(config.evaluation, mode="off"),
         output_dir=str(out / f"seed-{config.seed}" / mode),
     )
     summary = run_simulation(plan_simulation(mode_config), ray_address=ray_address, verbose=verbose)
-    return summary["institutions"]  # type: ignore[no-any-return]
+    results: dict[str, dict[str, Any]] = summary["institutions"]
+    for name, metrics in results.items():
+        metrics.update(_exact_metrics(mode_config, name))
+    return results
+
+
+def _exact_metrics(config: FedChurnConfig, name: str) -> dict[str, float]:
+    """AUC and PR-AUC of a bank's final model (the run's encoder, its head) on its test rows, as the baselines'."""
+    from clients.evaluation import predict_logits
+    from shared.data import prepare_institution
+    from shared.metrics import pr_auc, roc_auc
+    from shared.scoring import final_model
+
+    data = prepare_institution(config, name)
+    run = Path(config.output_dir)
+    model = final_model(run, run / "institutions" / name, config, data.feature_names)
+    scores = predict_logits(model, data.x_test).numpy()
+    return {"auc": roc_auc(data.y_test, scores), "pr_auc": pr_auc(data.y_test, scores)}
 
 
 def run_comparison(

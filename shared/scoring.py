@@ -118,7 +118,7 @@ def score_customers(
     if preprocessor.feature_names != schema.feature_names:
         raise CheckpointError(f"{home / PREPROCESSOR_FILE} does not match the run's schema (config.yaml)")
     kept = _kept_model(home, config, len(schema.feature_names))
-    model = kept[0] if kept is not None else _final_model(run, home, config, schema.feature_names)
+    model = kept[0] if kept is not None else final_model(run, home, config, schema.feature_names)
 
     missing = "impute" if config.data.missing_values == "drop" else config.data.missing_values  # score every row
     table = read_csv_table(source, schema, institution=institution, missing_values=missing, require_label=False)
@@ -185,7 +185,7 @@ def _kept_model(home: Path, config: FedChurnConfig, input_dim: int) -> tuple[Chu
     return model, calibrator, int(round_value) if isinstance(round_value, int) else -1
 
 
-def _final_model(run: Path, home: Path, config: FedChurnConfig, feature_names: tuple[str, ...]) -> ChurnModel:
+def final_model(run: Path, home: Path, config: FedChurnConfig, feature_names: tuple[str, ...]) -> ChurnModel:
     """The run's final encoder with the institution's last head (runs where the institution kept no model)."""
     head_path = run / GLOBAL_HEAD_FILE if config.transfer.mode == "fedavg" else home / HEAD_FILE
     _required_file(head_path, "churn head", "the institution never trained in this run")

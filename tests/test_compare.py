@@ -172,6 +172,7 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ray starts once for all modes and seeds; each run gets the same target ε and no fixed σ."""
+    import shared.comparison
     import shared.ray_head
     import shared.simulation
 
@@ -198,6 +199,8 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
         return {"institutions": {"bank-01": {"auc": 0.7, "pr_auc": 0.4, "epsilon": 2.99, "n_train": 10}}}
 
     monkeypatch.setattr(shared.ray_head, "RayHead", FakeHead)
+    # No run folder comes out of the fake simulation: nothing to score on the exact test rows.
+    monkeypatch.setattr(shared.comparison, "_exact_metrics", lambda config, name: {"auc": 0.7, "pr_auc": 0.4})
     monkeypatch.setattr(shared.simulation, "plan_simulation", fake_plan)
     monkeypatch.setattr(shared.simulation, "run_simulation", fake_run)
     config = apply_overrides(_config(tmp_path), {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})

@@ -24,6 +24,7 @@ from server.app import initial_encoder
 from server.privacy_oversight import PrivacyOversight
 from server.report import RunRecorder
 from server.strategy import make_strategy
+from shared.bank_random import bank_secret_key
 from shared.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
 from shared.config import (
     BudgetConfig,
@@ -250,7 +251,9 @@ def test_evaluation_off_releases_nothing_about_validation_or_test_rows(tmp_path:
 
 def test_no_release_once_it_would_exceed_the_budget(tmp_path: Path) -> None:
     probe = _config(tmp_path, rounds=1)
-    n = len(prepare_institution(probe, "bank-01").y_train)
+    # The bank's own split (its secret key, made here first and then used by the bank): its n sets q and the steps.
+    key, _ = bank_secret_key(Path(probe.output_dir) / "institutions" / "bank-01")
+    n = len(prepare_institution(probe, "bank-01", split_key=key).y_train)
     q = sample_rate_for(dataset_size=n, batch_size=probe.training.batch_size)
     steps = steps_per_round(n_train=n, batch_size=probe.training.batch_size, local_epochs=1)
     trained_only = compute_epsilon(
