@@ -50,14 +50,22 @@ def secret_seed() -> int:
     return secrets.randbits(SEED_BITS)
 
 
-def derive_seed64(*parts: int | str) -> int:
-    """A stable 64-bit seed from ints and strings (sha256): for ``reproducible_noise`` and sub-seeds only."""
+def seed_digest(*parts: int | str) -> bytes:
+    """SHA-256 of ints and strings, the same on every machine and Python run: the root of every derived seed.
+
+    A type tag keeps 1 and "1" apart; the separator keeps ("ab", "c") and ("a", "bc") apart.
+    """
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, bool) or not isinstance(part, (int, str)):
-            raise TypeError(f"derive_seed64 takes ints and strings, got {type(part).__name__}")
+            raise TypeError(f"seeds derive from ints and strings, got {type(part).__name__}")
         digest.update(f"{'i' if isinstance(part, int) else 's'}:{part}\x1f".encode())
-    return int.from_bytes(digest.digest()[:8], "big")
+    return digest.digest()
+
+
+def derive_seed64(*parts: int | str) -> int:
+    """A stable 64-bit seed from ints and strings: for ``reproducible_noise`` and sub-seeds only."""
+    return int.from_bytes(seed_digest(*parts)[:8], "big")
 
 
 class SeedSource:

@@ -9,7 +9,6 @@ clips, scales and imputes from the schema's declared bounds and category lists o
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -101,13 +100,9 @@ def resolve_schema(data: DataConfig) -> SchemaConfig:
 
 def derive_seed(*parts: int | str) -> int:
     """A stable 31-bit seed from ints and strings (sha256: the same on every machine and Python run)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, bool) or not isinstance(part, (int, str)):
-            raise TypeError(f"derive_seed takes ints and strings, got {type(part).__name__}")
-        # A type tag keeps 1 and "1" apart; the separator keeps ("ab", "c") and ("a", "bc") apart.
-        digest.update(f"{'i' if isinstance(part, int) else 's'}:{part}\x1f".encode())
-    return int.from_bytes(digest.digest()[:4], "big") & 0x7FFFFFFF
+    from shared.bank_random import seed_digest
+
+    return int.from_bytes(seed_digest(*parts)[:4], "big") & 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------------
