@@ -270,6 +270,26 @@ def test_supernode_policy_and_ledger_key_reach_the_banks_node_config(pki: Path, 
         node_config("--policy", str(quoted))
 
 
+def test_the_deploy_guides_bank_policy_example_loads_and_its_command_parses(tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    from shared.cli import _build_parser
+    from shared.policy import load_policy
+
+    guide = (DEPLOY / "README.md").read_text()
+    example = next(block for block in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "require_dp" in block)
+    policy_file = tmp_path / "privacy-policy.yaml"
+    policy_file.write_text(example)
+    policy = load_policy(policy_file)
+    assert (policy.require_dp, policy.min_noise_multiplier, policy.max_clipping_norm) == (True, 1.0, 5.0)
+    assert (policy.max_delta, policy.lifetime_epsilon, policy.max_rounds_per_run) == (1.0e-5, 6.0, 50)
+    assert policy.allowed_transfer_modes == ("finetune", "frozen", "fedrep") and not policy.report_dataset_size
+    command = next(block for block in re.findall(r"```bash\n(.*?)```", guide, re.S) if "--ledger-key" in block)
+    args = _build_parser().parse_args(shlex.split(command.replace("\\\n", " "))[1:])
+    assert (args.policy, args.ledger_key) == ("banks/bank-01/privacy-policy.yaml", "banks/bank-01/keys/node-auth.key")
+
+
 def test_resume_needs_a_run_name() -> None:
     with pytest.raises(ConfigError, match="federation.resume"):
         apply_overrides(default_config(), {"federation.resume": True})
