@@ -125,7 +125,7 @@ class DataConfig:
     institution_files: dict[str, str] = field(default_factory=dict)  # or: institution name -> its own CSV
     institutions: tuple[str, ...] = ()  # optional: only these institutions, in this order
     schema: SchemaConfig | None = None  # required for csv; synthetic data brings its own
-    missing_values: Literal["error", "drop", "impute"] = "impute"  # blank cells: fail, drop row, or fill
+    missing_values: Literal["error", "drop", "impute"] = "impute"  # blank, NaN or inf cells: fail, drop row, or fill
     validation_fraction: float = 0.15
     test_fraction: float = 0.2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -887,7 +887,7 @@ data:
     churn_rate_min: 0.12
     churn_rate_max: 0.30
     feature_shift: 0.5       # how different the banks' customers are (feature SDs)
-  missing_values: impute     # blank cells: error | drop | impute (declared values: bounds midpoint, no category)
+  missing_values: impute     # blank/NaN/inf cells: error | drop | impute (declared: bounds midpoint, no category)
   validation_fraction: 0.15
   test_fraction: 0.2
 model:

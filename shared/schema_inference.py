@@ -2,7 +2,8 @@
 
 Rules, column by column (``drop`` and ``keep`` override them for the columns they name):
 
-- every non-blank cell a finite number -> numeric (unless it looks like an integer identifier: dropped), with
+- every cell a number -> numeric (unless it looks like an integer identifier: dropped); blank, NaN and inf cells
+  are missing there, as in the data stage (they follow data.missing_values), never a reason to retype; with
   proposed bounds: the pooled 1st and 99th percentiles rounded outward to 2 significant digits;
 - numbers except a few cells (at most 10 % of the cells, and at most ``_TYPO_MAX_CELLS`` distinct values or 1 %
   of the cells) -> an
@@ -36,7 +37,7 @@ from shared.errors import DataError
 from shared.table_checks import (
     OTHER,
     _blank,
-    _is_finite_text,
+    _is_number_text,
     _is_positive_default,
     institution_codes,
     parse_numeric,
@@ -182,43 +183,30 @@ def infer_schema(
             dropped.append(column)
             report.append(f"{column}: dropped (as asked)")
             continue
-        array = table.columns[column]
-        typed = pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_decimal(array.type)
-        if typed:  # a Parquet number column: no text to parse
-            col_values, blank, _ = parse_numeric(table, column)
+        # A blank cell and one holding NaN or inf are both missing (shared/table_checks.parse_numeric): they never
+        # retype a numeric column. In a column that is not all numbers they stay what they are (text).
+        text = table.text(column)
+        numbers, missing, first_bad = parse_numeric(table, column)
+        bad: list[str] = []
+        if first_bad is None:
+            blank = missing
         else:
-            text = table.text(column)
             blank = _blank(text)
+            distinct_text: list[str] = pc.unique(pc.filter(text, pa.array(~blank))).to_pylist()
+            bad = [v for v in distinct_text if not _is_number_text(v)]
         present = int((~blank).sum())
         blanks = len(blank) - present
+        non_finite = int((blank & ~_blank(text)).sum())
         blank_note = f", {blanks} blank cell(s)" if blanks else ""
+        if non_finite:
+            blank_note += f" ({non_finite} of them NaN or inf)"
         if present == 0:
             dropped.append(column)
-            report.append(f"{column}: dropped (every cell is blank)")
+            report.append(f"{column}: dropped (every cell is blank, NaN or inf)")
             continue
-        numbers = np.full(len(blank), np.nan)
-        if typed:
-            col_numbers = col_values[~blank]
-            finite = np.isfinite(col_numbers)
-            bad: list[str] = [] if finite.all() else sorted({repr(float(v)) for v in col_numbers[~finite]})
-            present_text = pc.cast(pc.filter(array, pa.array(~blank)), pa.string())
-            if bad:
-                text = pc.cast(array, pa.string())
-        else:
-            present_text = pc.filter(text, pa.array(~blank))
-            try:  # the common case, vectorised: every present cell is a number Arrow reads
-                col_numbers = np.asarray(
-                    pc.cast(present_text, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
-                )
-                finite = np.isfinite(col_numbers)
-                bad = [] if finite.all() else pc.unique(pc.filter(present_text, pa.array(~finite))).to_pylist()
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # by the rule users are told: Python's float
-                distinct_text: list[str] = pc.unique(present_text).to_pylist()
-                bad = [v for v in distinct_text if not _is_finite_text(v)]
-                refused = set(bad)
-                col_numbers = np.asarray([np.nan if v in refused else float(v) for v in present_text.to_pylist()])
+        present_text = pc.filter(text, pa.array(~blank))
         if not bad:
-            numbers[~blank] = col_numbers
+            col_numbers = numbers[~blank]
             if column not in keep and _looks_like_integer_id(column, col_numbers, present_text):
                 dropped.append(column)
                 report.append(f"{column}: dropped (looks like an identifier: {present} unique integers)")

@@ -36,7 +36,7 @@ class RawTable:
 
     institution: str
     source: str  # file path, or "synthetic"
-    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank
+    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank, NaN or inf
     categorical: np.ndarray  # object (n, len(schema.categorical)) of str; None where a cell was blank
     labels: np.ndarray | None  # int64 0/1 (n,); None when the label column is absent
     line_numbers: np.ndarray  # int64 (n,): 1-based CSV line of each row (the header is line 1)
@@ -67,7 +67,7 @@ class RawTable:
 
     @property
     def n_blank(self) -> int:
-        """Blank cells kept for imputation (NaN numeric, None categorical)."""
+        """Missing cells kept for imputation (blank, NaN or inf numeric -> NaN; blank categorical -> None)."""
         return int(np.isnan(self.numeric).sum()) + int(np.sum(self.categorical == None))  # noqa: E711
 
     def take(self, indices: np.ndarray) -> RawTable:
@@ -251,33 +251,43 @@ def _is_finite_text(value: str) -> bool:
         return False
 
 
+def _is_number_text(value: str) -> bool:
+    """Python's float reads it (finite or not: 'NaN', 'inf', '-Infinity' and '1e999' are numbers here)."""
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_numeric(table: ColumnTable, column: str) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(float64 values with NaN where blank, blank mask, first row holding a non-number or None)."""
+    """(float64 values with NaN where missing, missing mask, first row holding a non-number or None).
+
+    A cell is missing when it is blank or holds a number that is not finite: 'NaN', 'nan', 'inf', '-inf',
+    'Infinity', '1e999' in a CSV; NaN or +-inf in a Parquet float column. Missing cells then follow
+    data.missing_values, as blank ones always did. A cell that is no number at all ('abc', '1.000.000') is an error.
+    """
     array = table.columns[column]
     if pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_decimal(array.type):
         values = np.asarray(pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        blank = _mask(pc.is_null(array))
-        values = np.where(blank, np.nan, values)
-        return values, blank, _first(~blank & ~np.isfinite(values))
+        missing = _mask(pc.is_null(array)) | ~np.isfinite(values)
+        return np.where(missing, np.nan, values), missing, None
     text = table.text(column)
     blank = _blank(text)
+    not_number = np.zeros(len(text), dtype=bool)
     try:
         parsed = pc.cast(pc.if_else(pa.array(blank), pa.scalar(None, pa.string()), text), pa.float64())
+        values = np.asarray(parsed.to_numpy(zero_copy_only=False), dtype=np.float64)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         # Some cell is not a number: find which, by the rule users are told (Python's float of the text).
         distinct = pc.unique(pc.filter(text, pa.array(~blank))).to_pylist()
-        bad = [v for v in distinct if not _is_finite_text(v)]
-        first_bad = _first(_mask(pc.is_in(text, value_set=pa.array(bad, pa.string()))))
+        bad = [v for v in distinct if not _is_number_text(v)]
+        not_number = _mask(pc.is_in(text, value_set=pa.array(bad, pa.string())))
+        good = ~blank & ~not_number
         values = np.full(len(text), np.nan)
-        good = ~blank
-        if first_bad is not None:
-            good &= ~_mask(pc.is_in(text, value_set=pa.array(bad, pa.string())))
-        ok_text = pc.filter(text, pa.array(good)).to_pylist()
-        values[good] = np.asarray([float(v) for v in ok_text], dtype=np.float64)
-        return values, blank, first_bad
-    values = np.asarray(parsed.to_numpy(zero_copy_only=False), dtype=np.float64)
-    values = np.where(blank, np.nan, values)
-    return values, blank, _first(~blank & ~np.isfinite(values))
+        values[good] = np.asarray([float(v) for v in pc.filter(text, pa.array(good)).to_pylist()], dtype=np.float64)
+    missing = ~not_number & (blank | ~np.isfinite(values))
+    return np.where(missing, np.nan, values), missing, _first(not_number)
 
 
 def check_rows(
@@ -310,16 +320,19 @@ def check_rows(
     problems: list[tuple[int, int, Callable[[], DataError]]] = []
     numeric = np.empty((n, len(schema.numeric)), dtype=np.float64)
     blanks: list[np.ndarray] = []
+    non_finite = 0  # missing cells that hold NaN or inf rather than nothing
     for j, column in enumerate(schema.numeric):
         values, blank, bad = parse_numeric(table, column)
         numeric[:, j] = values
         blanks.append(blank)
+        if blank.any():
+            non_finite += int((blank & ~_blank(table.text(column))).sum())
         if bad is not None:
             cell = _cell(table.text(column), bad)
 
             def numeric_error(cell: str = cell, row: int = bad, column: str = column) -> DataError:
                 return DataError(
-                    f"{cell!r} is not a finite number",
+                    f"{cell!r} is not a number",
                     path=name,
                     line=int(lines[row]),
                     column=column,
@@ -368,12 +381,17 @@ def check_rows(
         blank_cells = int(blank_matrix.sum())
         if missing_values == "error":
             column = columns[int(np.argmax(blank_matrix[first_blank_row]))]
+            cell = _cell(table.text(column), first_blank_row)
+            what = "blank cell" if not cell else f"{cell!r} is not a finite number, so the cell counts as missing"
+            counts = f"{blank_cells} blank cell(s)"
+            if non_finite:
+                counts = f"{blank_cells - non_finite} blank and {non_finite} non-finite (NaN, inf) cell(s)"
             raise DataError(
-                f"blank cell ({blank_cells} blank cell(s) in {int(blank_rows.sum())} row(s) in all)",
+                f"{what} ({counts} in {int(blank_rows.sum())} row(s) in all)",
                 path=name,
                 line=int(lines[first_blank_row]),
                 column=column,
-                fix="fill the cells, or set data.missing_values to 'drop' or 'impute'",
+                fix="fill the cells with finite numbers, or set data.missing_values to 'drop' or 'impute'",
             )
         if missing_values == "drop":
             keep = ~blank_rows
@@ -387,10 +405,11 @@ def check_rows(
             kept = np.flatnonzero(keep)
             numeric, codes, line_numbers = numeric[keep], codes[keep], line_numbers[keep]
             labels = None if labels is None else labels[keep]
-            logger.info("%s (%s): dropped %d row(s) with blank cells", name, institution, rows_dropped)
+            logger.info("%s (%s): dropped %d row(s) with blank or non-finite cells", name, institution, rows_dropped)
         else:
             logger.info(
-                "%s (%s): %d blank cell(s) will be imputed with declared values (bounds midpoint, no category)",
+                "%s (%s): %d blank or non-finite cell(s) will be imputed with declared values (bounds midpoint, "
+                "no category)",
                 name,
                 institution,
                 blank_cells,

@@ -190,6 +190,106 @@ def test_connection_file_round_trip_and_cli_errors(pki: Path, tmp_path: Path, ca
     assert code == 2 and "node private key not found" in capsys.readouterr().err
 
 
+def test_supernode_policy_and_ledger_key_reach_the_banks_node_config(pki: Path, tmp_path: Path) -> None:
+    """--policy / --ledger-key -> node config keys 'policy' / 'ledger-key', read back as Flower's SuperNode does."""
+    from flwr.common.config import parse_config_args
+
+    from clients.budget import bank_signer
+    from clients.institution import resolve_institution
+    from shared.cli import _build_parser
+    from shared.commands.supernode_cmd import command_for
+    from shared.ledger_signing import SigningError
+
+    data = tmp_path / "customers.csv"
+    data.write_text("a\n1\n")
+    state = tmp_path / "state"
+    policy = tmp_path / "bank policy.yaml"  # a space: the value must stay quoted in --node-config
+    policy.write_text("min_noise_multiplier: 1.5\nlifetime_epsilon: 3.0\nmax_rounds_per_run: 12\n")
+    node_key = pki / "bank-01" / "keys" / "node-auth.key"
+    base = [
+        "supernode",
+        "--institution",
+        "bank-01",
+        "--superlink",
+        f"127.0.0.1:{free_port()}",
+        "--ca",
+        str(pki / "superlink" / "ca.crt"),
+        "--key",
+        str(node_key),
+        "--data",
+        str(data),
+        "--state-dir",
+        str(state),
+        "--runtime-port",
+        str(free_port()),
+    ]
+
+    def node_config(*extra: str) -> dict[str, object]:
+        _, command = command_for(_build_parser().parse_args([*base, *extra]))
+        return parse_config_args([command[command.index("--node-config") + 1]])
+
+    plain = {"institution": "bank-01", "data-path": str(data.resolve()), "state-dir": str(state.resolve())}
+    assert node_config() == plain  # no flags: no keys (the bank then uses the conservative built-in policy)
+    config = node_config("--policy", str(policy), "--ledger-key", str(node_key))
+    assert config == {**plain, "policy": str(policy.resolve()), "ledger-key": str(node_key.resolve())}
+
+    bank = resolve_institution(config, default_config())
+    assert (bank.policy.min_noise_multiplier, bank.policy.lifetime_epsilon, bank.policy.max_rounds_per_run) == (
+        1.5,
+        3.0,
+        12,
+    )
+    assert bank.policy.require_dp  # a key the file leaves out keeps its conservative value
+    # The ledger is signed with the node's own key: the public key the consortium registered for this bank.
+    node_public = serialization.load_ssh_private_key(node_key.read_bytes(), password=None).public_key()
+    pem = node_public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert bank_signer(bank).public_key == pem.decode("ascii")
+
+    # Bad files stop the bank before it joins, naming what is wrong.
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("max_epsilon: 1.0\n")
+    with pytest.raises(ConfigError, match="policy.max_epsilon"):
+        node_config("--policy", str(typo))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        node_config("--policy", str(tmp_path / "missing.yaml"))
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(node_key.read_bytes())
+    loose.chmod(0o644)
+    with pytest.raises(FederationError, match="must be 0600"):
+        node_config("--ledger-key", str(loose))
+    not_a_key = tmp_path / "ca-copy.key"
+    not_a_key.write_bytes((pki / "superlink" / "ca.crt").read_bytes())
+    not_a_key.chmod(0o600)
+    with pytest.raises(SigningError, match="not an unencrypted PEM or OpenSSH private key"):
+        node_config("--ledger-key", str(not_a_key))
+    with pytest.raises(FederationError, match="ledger signing key not found"):
+        node_config("--ledger-key", str(tmp_path / "none.key"))
+    quoted = tmp_path / "bank's policy.yaml"  # a quote would end the value early and let the rest pose as keys
+    quoted.write_text("require_dp: true\n")
+    with pytest.raises(FederationError, match="quote"):
+        node_config("--policy", str(quoted))
+
+
+def test_the_deploy_guides_bank_policy_example_loads_and_its_command_parses(tmp_path: Path) -> None:
+    import re
+    import shlex
+
+    from shared.cli import _build_parser
+    from shared.policy import load_policy
+
+    guide = (DEPLOY / "README.md").read_text()
+    example = next(block for block in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "require_dp" in block)
+    policy_file = tmp_path / "privacy-policy.yaml"
+    policy_file.write_text(example)
+    policy = load_policy(policy_file)
+    assert (policy.require_dp, policy.min_noise_multiplier, policy.max_clipping_norm) == (True, 1.0, 5.0)
+    assert (policy.max_delta, policy.lifetime_epsilon, policy.max_rounds_per_run) == (1.0e-5, 6.0, 50)
+    assert policy.allowed_transfer_modes == ("finetune", "frozen", "fedrep") and not policy.report_dataset_size
+    command = next(block for block in re.findall(r"```bash\n(.*?)```", guide, re.S) if "--ledger-key" in block)
+    args = _build_parser().parse_args(shlex.split(command.replace("\\\n", " "))[1:])
+    assert (args.policy, args.ledger_key) == ("banks/bank-01/privacy-policy.yaml", "banks/bank-01/keys/node-auth.key")
+
+
 def test_resume_needs_a_run_name() -> None:
     with pytest.raises(ConfigError, match="federation.resume"):
         apply_overrides(default_config(), {"federation.resume": True})
