@@ -160,12 +160,14 @@ def _format_table(summary: dict[str, Any]) -> str:
         eps_text = "off" if epsilon is None else f"{epsilon:.3f}"
         kept = m.get("model_round")
         lines.append(
-            f"{name[:22]:<22} {m['n_train']:>7d} {m['n_test']:>6d} {_number(m['auc'], 6)} {_number(m['pr_auc'], 6)} "
+            f"{name[:22]:<22} {m['n_train'] or '-':>7} {m['n_test']:>6d} "
+            f"{_number(m['auc'], 6)} {_number(m['pr_auc'], 6)} "
             f"{_number(m['brier'], 6)} {_number(m.get('ece'), 6)} {'-' if kept is None else kept:>5} "
             f"{_number(m.get('model_auc'), 6)} {_number(m.get('model_ece'), 6)} {eps_text:>7}"
         )
     lines.append(
-        "Metrics come from DP-noised score histograms (n_test is noisy); ECE: expected calibration error of the "
+        "Metrics come from DP-noised score histograms (n_test is noisy; n_train '-': withheld by the bank's "
+        "policy); ECE: expected calibration error of the "
         "calibrated probabilities. kept@: the round of the model each bank keeps (best DP validation AUC), used by "
         "'fedchurn predict'."
     )
@@ -233,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
     print(_format_table(summary))
     delta = config.privacy.delta
     if config.privacy.enabled:
-        print(f"\nε: cumulative over all {summary['rounds']} rounds, per customer row, δ = {delta}.")
+        print(
+            f"\nε: each bank's lifetime ε on its rows (every round it trained and every evaluation release, in this and"
+            f" earlier runs on the same rows), per customer row, δ = {delta}."
+        )
     for line in budget_lines(summary):  # institutions stopped by their privacy budget: who, when, at what ε
         print(line)
     if summary["dropped_replies"]:
