@@ -77,7 +77,7 @@ def _prepare_from_pooled(config: FedChurnConfig, name: str) -> PreparedInstituti
         raw,
         validation_fraction=data.validation_fraction,
         test_fraction=data.test_fraction,
-        seed=derive_seed("split", config.seed, name),
+        key=str(derive_seed("split", config.seed, name)).encode(),  # a plain app: a split key from the seed
     )
     pre = Preprocessor.fit(split.train)
 

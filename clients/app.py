@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from clients.budget import BankDeclined, store_countersignature
 from clients.institution import Institution, evaluate_round, resolve_institution, train_round
 from clients.private_evaluation import EvaluationWithheld
+from clients.warmup import warm_up
 from shared.config import FedChurnConfig, config_from_run_config
 from shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
 from shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
@@ -140,8 +141,19 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         )
         return Message(content=content, reply_to=msg)
 
+    def query(msg: Message, context: Context) -> Message:
+        """The server's warm-up: prepare this institution's data and warm torch. The reply is an empty
+        acknowledgement whatever happens: no name, no error code, nothing about the rows (a failure shows again,
+        as a coded decline, in round 1)."""
+        try:
+            warm_up(_institution(context, run_config))
+        except Exception:  # nothing of it leaves; round 1 meets the same problem and declines with its code
+            logger.exception("warm-up failed; the server is sent only the empty acknowledgement")
+        return Message(content=RecordDict(), reply_to=msg)
+
     app.train()(_guarded("train", train))
     app.evaluate()(_guarded("evaluate", evaluate))
+    app.query()(query)
     return app
 
 

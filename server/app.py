@@ -17,6 +17,7 @@ from server.privacy_oversight import PrivacyOversight
 from server.report import RunRecorder
 from server.resume import ResumableRun, check_new_run_folder
 from server.strategy import make_strategy
+from server.warmup import warm_up_nodes
 from shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
 from shared.data import derive_seed, resolve_schema
 from shared.errors import FedChurnError
@@ -47,6 +48,7 @@ def run_federation(
     members: Mapping[int, str] | None = None,
     refuse_existing: bool = True,
     stop: threading.Event | None = None,
+    warm_up: int = 0,
 ) -> dict[str, Any]:
     """Run every round and write the run's artifacts; returns the summary.
 
@@ -56,6 +58,9 @@ def run_federation(
 
     ``members`` maps each node id to the institution registered for it (a simulation's partitions); by default
     the config's ``federation.members``. Without either, replies are taken at their word, with a warning.
+
+    ``warm_up`` > 0 (a simulation: its number of nodes): before round 1, wait for that many nodes and send each an
+    empty warm-up query (server/warmup.py), so round 1 does not pay for every worker's first-message costs.
     """
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
@@ -87,6 +92,8 @@ def run_federation(
         transfer_mode=config.transfer.mode,
         members=members,
     )
+    if warm_up > 0:
+        warm_up_nodes(grid, expected=warm_up, timeout=config.strategy.round_timeout_s)
     oversight = PrivacyOversight(
         config, output_dir, run_id=run_identity, completed_round=resumable.completed_before
     )  # declines, consortium ledger, institution DP
@@ -145,10 +152,12 @@ def make_server_app(
     *,
     members: Mapping[int, str] | None = None,
     stop: threading.Event | None = None,
+    warm_up: int = 0,
 ) -> ServerApp:
     """A ServerApp; ``run_config`` binds the run's config (in-process simulation), else Flower's is used.
     ``members``: node id -> institution, filled by the simulation as it creates its nodes; ``stop``: set to end
-    the run after the round under way (the simulation's Ctrl-C)."""
+    the run after the round under way (the simulation's Ctrl-C); ``warm_up``: the simulation's number of nodes, to
+    warm up before round 1 (0: none)."""
     app = ServerApp()
 
     @app.main()
@@ -156,7 +165,9 @@ def make_server_app(
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
         # A simulation (run_config bound) checks its folder (simulate --overwrite) and its outcome itself.
         real = run_config is None
-        summary = run_federation(grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop)
+        summary = run_federation(
+            grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop, warm_up=warm_up
+        )
         if real and not summary["institutions"]:
             reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
             raise FedChurnError(f"no institution completed a round ({reasons or 'no replies'})")

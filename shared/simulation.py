@@ -224,7 +224,7 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
         stop = threading.Event()  # Ctrl-C: end after the round under way, once it is checkpointed
         with _recording_members(members, plan.institutions), _interruptible(stop):
             flower_run_simulation(
-                server_app=make_server_app(run_config, members=members, stop=stop),
+                server_app=make_server_app(run_config, members=members, stop=stop, warm_up=len(plan.institutions)),
                 client_app=make_client_app(run_config),
                 num_supernodes=len(plan.institutions),
                 backend_name="ray",
