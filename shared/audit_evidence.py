@@ -5,9 +5,11 @@ a rewrite by one party fail is a signature by the *other* party over the origina
 
 - every record of a bank's ledger must carry the bank's own signature of its hash (one key throughout; the key
   file in the bank's folder, when there, must be that key);
-- every training record but the newest must carry the consortium's countersignature of *that* hash (the newest may
-  still be waiting for the server's next message; evaluation releases never travel, and are anchored through the
-  chain by the next countersigned training record), by the consortium key the bank pinned at its first countersignature;
+- every record must be anchored by the consortium's countersignature of its own hash or of a later record's (whose
+  hash chains it): evaluation releases never travel, and a round interrupted between train and evaluate never gets
+  its countersignature back; records after the last countersigned one wait for one, and among them at most one
+  training record (the newest round's): more means countersignatures were removed. Each
+  countersignature must be by the consortium key the bank pinned at its first countersignature;
   that key must be the consortium's real key: the server's key file or consortium ledger when the run folder is
   audited, or the fingerprint the consortium publishes (``--consortium-key``) when a bank's folder is audited alone;
 - the consortium ledger's copy of each bank-signed hash must be the bank ledger's hash of that round.
@@ -82,7 +84,10 @@ def check_signatures(
         problems.append(f"the bank's records are signed with {len(bank_keys)} different keys")
     if own_key is not None and bank_keys - {own_key}:
         problems.append("records are signed with a key other than the bank's own key file")
-    newest = entries[-1].seq if entries else 0
+    # A record is anchored by its own countersignature or by any later countersigned one (its hash is chained into
+    # every later record's): rewriting it would break that countersignature. Only records after the last
+    # countersigned one can still be rewritten unseen; they wait for the server's next message.
+    last_countersigned = max((seq for seq in countersignatures), default=0)
     pending = []
     for entry in entries:
         signed = signatures.get(entry.seq)
@@ -92,12 +97,10 @@ def check_signatures(
             problems.append(f"record {entry.seq}: the bank's signature does not cover this record: it was rewritten")
         counter = countersignatures.get(entry.seq)
         if counter is None:
-            if entry.seq == newest or _kind(entry) != "train":
-                # An evaluation release never travels to the server: it is anchored by the chain (its hash is in
-                # every later record's), so by the next countersigned training record; the tail waits for one.
+            # Evaluation releases never travel to the server, and a round interrupted between its train and
+            # evaluate phases never got its countersignature back: both are anchored by a later one.
+            if entry.seq > last_countersigned:
                 pending.append(entry.seq)
-            else:
-                problems.append(f"record {entry.seq}: not countersigned by the consortium")
         elif counter.record_hash != entry.hash:
             problems.append(
                 f"record {entry.seq}: the consortium countersigned a different record: it was rewritten after the "
@@ -105,6 +108,12 @@ def check_signatures(
             )
         elif not verify(counter, "consortium") or counter.public_key != pinned:
             problems.append(f"record {entry.seq}: the consortium's countersignature does not verify")
+    unanchored = [entry.seq for entry in entries if entry.seq in pending and _kind(entry) == "train"]
+    if len(unanchored) > 1:  # only the newest round's record may still wait for its countersignature
+        problems.append(
+            f"records {unanchored}: {len(unanchored)} training records are anchored by no countersignature, neither "
+            "their own nor a later record's: countersignatures were removed, or the consortium never received them"
+        )
     expected = consortium_key
     if pinned is not None and expected is not None and pinned != expected:
         problems.append(

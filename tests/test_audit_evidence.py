@@ -197,6 +197,40 @@ def test_sigma_rewritten_consistently_by_the_bank_fails_the_audit(
     assert main(["audit", str(folder), "--no-reports"]) == 1
 
 
+def _drop_triggers(db: sqlite3.Connection, table: str) -> None:
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)):
+        db.execute(f'DROP TRIGGER "{name}"')
+
+
+def test_bank_rewriting_and_removing_every_countersignature_fails_on_its_folder_alone(
+    signed_run: Path, tmp_path: Path
+) -> None:
+    run_dir = _copy(signed_run, tmp_path)
+    folder = run_dir / "institutions" / "bank-02"
+    _rewrite_bank(folder, sigma=3.0, bank_key=folder / BANK_KEY_FILE)
+    ledger = InstitutionLedger.in_folder(folder)
+    with sqlite3.connect(ledger.path) as db:  # the consortium's evidence, gone (the owner can drop any trigger)
+        _drop_triggers(db, "countersignatures")
+        db.execute("DELETE FROM countersignatures")
+    assert ledger.verify() == []  # the chain itself is consistent again
+    alone = audit_run(folder).institutions[0]
+    assert not alone.passed and any("anchored by no countersignature" in p for p in alone.tampering)
+
+
+def test_an_interrupted_round_without_its_countersignature_is_anchored_by_later_ones(
+    signed_run: Path, tmp_path: Path
+) -> None:
+    """A server killed between train and evaluate never sends that record's countersignature: honest, passes."""
+    run_dir = _copy(signed_run, tmp_path)
+    folder = run_dir / "institutions" / "bank-02"
+    ledger = InstitutionLedger.in_folder(folder)
+    with sqlite3.connect(ledger.path) as db:
+        _drop_triggers(db, "countersignatures")
+        db.execute("DELETE FROM countersignatures WHERE seq = 1")
+    audit = {i.name: i for i in audit_run(run_dir).institutions}["bank-02"]
+    assert audit.passed, audit.tampering
+
+
 def test_bank_forging_countersignatures_with_its_own_key_fails(signed_run: Path, tmp_path: Path) -> None:
     run_dir = _copy(signed_run, tmp_path)
     folder = run_dir / "institutions" / "bank-02"
