@@ -285,7 +285,7 @@ def test_the_deploy_guides_bank_policy_example_loads_and_its_command_parses(tmp_
     assert (policy.require_dp, policy.min_noise_multiplier, policy.max_clipping_norm) == (True, 1.0, 5.0)
     assert (policy.max_delta, policy.lifetime_epsilon, policy.max_rounds_per_run) == (1.0e-5, 6.0, 50)
     assert policy.allowed_transfer_modes == ("finetune", "frozen", "fedrep") and not policy.report_dataset_size
-    command = next(block for block in re.findall(r"```bash\n(.*?)```", guide, re.S) if "--ledger-key" in block)
+    command = next(block for block in re.findall(r"```text\n(.*?)```", guide, re.S) if "--ledger-key" in block)
     args = _build_parser().parse_args(shlex.split(command.replace("\\\n", " "))[1:])
     assert (args.policy, args.ledger_key) == ("banks/bank-01/privacy-policy.yaml", "banks/bank-01/keys/node-auth.key")
 
