@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -83,6 +84,16 @@ def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> Simul
 def discard_plan(plan: SimulationPlan) -> None:
     """Remove what planning staged (customers' rows) when the plan is not run."""
     remove_partitions(plan.config.output_dir)
+
+
+def _trained_any(output_dir: Path) -> bool:
+    """Whether any institution's training reply was accepted (``rounds.jsonl``, phase ``train``)."""
+    path = output_dir / "rounds.jsonl"
+    if not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as lines:
+        records = (json.loads(line) for line in lines if line.strip())
+        return any(r.get("phase") == "train" and "reason" not in r for r in records)  # dropped replies: a reason
 
 
 def _connect_ray(config: FedChurnConfig, *, ray_address: str | None) -> bool:
@@ -193,8 +204,6 @@ def _recording_members(members: dict[int, str], institutions: tuple[str, ...]) -
 def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run the planned federation and return the summary the server wrote."""
     quiet_environment()
-    import json
-
     import ray
     from flwr.simulation import run_simulation as flower_run_simulation
 
@@ -243,7 +252,8 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
-    if not summary["institutions"]:
+    if not summary["institutions"] and not _trained_any(output_dir):
+        # (With evaluation off no metrics leave the banks, so the summary lists none: training is what counts.)
         reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
         raise SimulationError(f"no institution completed a round. {reasons}")
     return summary
