@@ -89,8 +89,8 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(federation: Federation
     fed = federation
     _start_three(fed)
     run = fed.start_run("run", CONFIG, "--rounds", "3", "--run-name", "kill", "--set", "strategy.round_timeout_s=90")
-    fed.wait_for(
-        lambda: any(r["round"] == 1 and r["phase"] == "evaluate" for r in fed.records()),
+    fed.wait_for(  # banks release evaluation statistics after the last round only: round 1's training is the mark
+        lambda: sum(1 for r in fed.records() if r["round"] == 1 and r["phase"] == "train") == 3,
         timeout_s=400,
         what="round 1",
     )
@@ -101,7 +101,8 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run(federation: Federation
     dropped = summary["dropped_replies"]
     assert dropped and all("bank-03" in d["institution"] for d in dropped), dropped
     assert summary["institutions"]["bank-01"]["evaluated_round"] == 3
-    assert summary["institutions"]["bank-03"]["evaluated_round"] < 3
+    # bank-03 died before the run's last round, so it never released an evaluation
+    assert summary["institutions"].get("bank-03", {}).get("evaluated_round", 0) < 3
 
 
 @pytest.mark.slow
