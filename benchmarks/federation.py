@@ -145,7 +145,8 @@ def run_ours(config: FedChurnConfig, *, inference_s: float = 0.0) -> dict[str, A
         "startup_s": run_s - sum(rounds),
         **_round_figures(rounds),
         "peak_gib": memory.peak / 2**30,
-        "auc": float(np.mean([m["auc"] for m in metrics])),
+        # the banks' DP-released AUC (null where the noise left a class empty): what the server sees
+        "auc": float(np.mean([m["auc"] for m in metrics if m.get("auc") is not None] or [np.nan])),
         "epsilon": float(max(m["epsilon"] for m in metrics)),
     }
 
