@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +30,10 @@ from typing import Any
 
 from shared.config import FedChurnConfig, dump_config
 from shared.data import institution_names
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FedChurnError
 from shared.transfer import FEDERATED_MODES
+
+logger = logging.getLogger(__name__)
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
@@ -167,15 +170,18 @@ def _run_mode(
         evaluation=dataclasses.replace(config.evaluation, mode="off"),
         output_dir=str(out / f"seed-{config.seed}" / mode),
     )
-    summary = run_simulation(plan_simulation(mode_config), ray_address=ray_address, verbose=verbose)
-    results: dict[str, dict[str, Any]] = summary["institutions"]
-    for name, metrics in results.items():
-        metrics.update(_exact_metrics(mode_config, name))
+    run_simulation(plan_simulation(mode_config), ray_address=ray_address, verbose=verbose)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            results[name] = _exact_metrics(mode_config, name)
+        except FedChurnError as exc:  # it never trained (declined, or failed): no model to score
+            logger.warning("%s: %s has no model to score: %s", mode, name, exc)
     return results
 
 
-def _exact_metrics(config: FedChurnConfig, name: str) -> dict[str, float]:
-    """AUC and PR-AUC of a bank's final model (the run's encoder, its head) on its test rows, as the baselines'."""
+def _exact_metrics(config: FedChurnConfig, name: str) -> dict[str, Any]:
+    """A bank's final model (the run's encoder, its head) on its test rows, as the baselines', and its ε."""
     from clients.evaluation import predict_logits
     from shared.data import prepare_institution
     from shared.metrics import pr_auc, roc_auc
@@ -183,9 +189,18 @@ def _exact_metrics(config: FedChurnConfig, name: str) -> dict[str, float]:
 
     data = prepare_institution(config, name)
     run = Path(config.output_dir)
-    model = final_model(run, run / "institutions" / name, config, data.feature_names)
+    home = run / "institutions" / name
+    model = final_model(run, home, config, data.feature_names)
     scores = predict_logits(model, data.x_test).numpy()
-    return {"auc": roc_auc(data.y_test, scores), "pr_auc": pr_auc(data.y_test, scores)}
+    privacy_path = home / "privacy.json"
+    privacy = json.loads(privacy_path.read_text(encoding="utf-8")) if privacy_path.is_file() else {}
+    return {
+        "auc": roc_auc(data.y_test, scores),
+        "pr_auc": pr_auc(data.y_test, scores),
+        "epsilon": privacy.get("epsilon"),  # this run's training only: evaluation is off here
+        "n_train": len(data.y_train),
+        "n_test": len(data.y_test),
+    }
 
 
 def run_comparison(

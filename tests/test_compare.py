@@ -200,7 +200,11 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
 
     monkeypatch.setattr(shared.ray_head, "RayHead", FakeHead)
     # No run folder comes out of the fake simulation: nothing to score on the exact test rows.
-    monkeypatch.setattr(shared.comparison, "_exact_metrics", lambda config, name: {"auc": 0.7, "pr_auc": 0.4})
+    monkeypatch.setattr(
+        shared.comparison,
+        "_exact_metrics",
+        lambda config, name: {"auc": 0.7, "pr_auc": 0.4, "epsilon": 2.99, "n_train": 10},
+    )
     monkeypatch.setattr(shared.simulation, "plan_simulation", fake_plan)
     monkeypatch.setattr(shared.simulation, "run_simulation", fake_run)
     config = apply_overrides(_config(tmp_path), {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})
