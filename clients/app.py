@@ -129,10 +129,6 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             )
         except EvaluationWithheld as withheld:  # nothing about its rows may leave now (clients/private_evaluation.py)
             return Message(content=decline_content(institution.name, withheld.decline), reply_to=msg)
-        if not institution.policy.report_dataset_size:
-            # The exact training-set size stays at the bank (0.0 = withheld); the test count and the weight are
-            # noisy counts from the DP release, covered by ε.
-            metrics = {**metrics, "n-train": 0.0}
         content = RecordDict(
             {
                 METRICS_KEY: whitelisted_metrics(metrics, EVALUATE_METRICS),

@@ -378,11 +378,11 @@ def _plan_noise(
     target = privacy.target_epsilon if cap is None else min(privacy.target_epsilon, cap)
     remaining = max(rounds - state.rounds_trained, 1)
     # The evaluation releases still to come are spent from the same target: plan them in before σ.
-    releases = evaluation_settings(institution.config, policy=institution.policy).planned_releases(remaining)
+    evaluation = evaluation_settings(institution.config, policy=institution.policy)
+    releases = evaluation.planned_releases(remaining)
     planned = lifetime
     if releases:
-        noise = evaluation_settings(institution.config, policy=institution.policy).noise_multiplier
-        planned = lifetime.with_steps(noise_multiplier=noise, sample_rate=1.0, steps=releases)
+        planned = lifetime.with_steps(noise_multiplier=evaluation.noise_multiplier, sample_rate=1.0, steps=releases)
     try:
         sigma = noise_multiplier_after(
             planned, target_epsilon=target, delta=privacy.delta, sample_rate=sample_rate, steps=remaining * steps

@@ -225,7 +225,8 @@ def private_evaluation(
         "kept-ece": number(kept.get("ece")),
         "epsilon": state.last_epsilon if privacy.enabled else math.inf,
         "delta": privacy.delta if privacy.enabled else 0.0,
-        "n-train": float(len(data.y_train)),
+        # the exact training-set size only where the bank's policy releases it (0.0: withheld)
+        "n-train": float(len(data.y_train)) if institution.policy.report_dataset_size else 0.0,
         "n-test": max(0.0, float(round(test["count"]))),
     }
 
