@@ -111,21 +111,8 @@ class DeclineScreen(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        others: list[Message] = []
-        declines: list[tuple[str, Decline]] = []
-        malformed: list[DroppedReply] = []
-        for message in replies:
-            if not is_decline(message):
-                others.append(message)
-                continue
-            name, decline = self._read(message)
-            if not isinstance(decline, str) and decline.reason == EVALUATION_WITHHELD:
-                decline = "'evaluation-withheld' answers an evaluate request, not a training round"
-            if name is None or isinstance(decline, str):
-                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", str(decline)))
-            else:
-                declines.append((name, decline))
-        self.oversight.on_declines(server_round, sorted(declines, key=lambda item: item[0]), malformed)
+        others, declines, malformed = self._screen(replies, evaluate=False)
+        self.oversight.on_declines(server_round, declines, malformed)
         return self.strategy.aggregate_train(server_round, others)
 
     def configure_evaluate(
@@ -135,21 +122,37 @@ class DeclineScreen(Strategy):
         return self.oversight.with_countersignatures(messages)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        others, declined, malformed = self._screen(replies, evaluate=True)
+        withheld = [name for name, _ in declined]
+        self.oversight.on_withheld(server_round, withheld, malformed)
+        return self.strategy.aggregate_evaluate(server_round, others)
+
+    def _screen(
+        self, replies: Iterable[Message], *, evaluate: bool
+    ) -> tuple[list[Message], list[tuple[str, Decline]], list[DroppedReply]]:
+        """Replies that are not declines; well-formed declines by name; malformed ones with their reason.
+
+        An evaluate request may only be declined with 'evaluation-withheld', a training round never with it.
+        """
         others: list[Message] = []
-        withheld: list[str] = []
+        declines: list[tuple[str, Decline]] = []
         malformed: list[DroppedReply] = []
         for message in replies:
             if not is_decline(message):
                 others.append(message)
                 continue
             name, decline = self._read(message)
-            if name is None or isinstance(decline, str) or decline.reason != EVALUATION_WITHHELD:
-                reason = decline if isinstance(decline, str) else "not an acceptable evaluate decline"
-                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", reason))
+            if not isinstance(decline, str) and (decline.reason == EVALUATION_WITHHELD) != evaluate:
+                decline = (
+                    "not an acceptable evaluate decline"
+                    if evaluate
+                    else "'evaluation-withheld' answers an evaluate request, not a training round"
+                )
+            if name is None or isinstance(decline, str):
+                malformed.append(DroppedReply(name or f"node {message.metadata.src_node_id}", str(decline)))
             else:
-                withheld.append(name)
-        self.oversight.on_withheld(server_round, sorted(withheld), malformed)
-        return self.strategy.aggregate_evaluate(server_round, others)
+                declines.append((name, decline))
+        return others, sorted(declines, key=lambda item: item[0]), malformed
 
     def _read(self, message: Message) -> tuple[str | None, Decline | str]:
         """Who declines and why, or why this decline is refused (malformed, or from a node registered otherwise)."""
