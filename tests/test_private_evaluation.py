@@ -458,3 +458,15 @@ def test_planned_releases_count_what_the_release_rule_allows() -> None:
     assert planned("dp", 2, 5) == 3  # after rounds 2, 4 and the last, 5
     assert planned("dp", 5, 5) == 1
     assert planned("off", 1, 5) == 0
+
+
+def test_the_server_cannot_lower_evaluation_noise_or_turn_it_on_past_the_banks_policy() -> None:
+    """The run's evaluation section is the server's ask; the bank's policy bounds it."""
+    from shared.config import apply_overrides, default_config
+    from shared.policy import CONSERVATIVE_POLICY
+    from shared.private_metrics import evaluation_settings
+
+    hostile = apply_overrides(default_config(), {"evaluation.noise_multiplier": 0.5, "evaluation.mode": "dp"})
+    assert evaluation_settings(hostile, policy=CONSERVATIVE_POLICY).noise_multiplier == 5.0
+    closed = dataclasses.replace(CONSERVATIVE_POLICY, evaluation="off")
+    assert not evaluation_settings(hostile, policy=closed).enabled
