@@ -22,13 +22,12 @@ import warnings
 
 import numpy as np
 import torch
+from fedchurn.shared.config import default_config
+from fedchurn.shared.data import SYNTHETIC_SCHEMA
+from fedchurn.shared.model import build_model
+from fedchurn.shared.privacy import AccountantState, make_private
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from shared.config import default_config
-from shared.data import SYNTHETIC_SCHEMA
-from shared.model import build_model
-from shared.privacy import AccountantState, make_private
 
 
 def _table(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, default_config
 
 from benchmarks.make_table import INSTITUTION, LABEL, write_table
-from shared.config import FedChurnConfig, SyntheticConfig, default_config
-from shared.simulation import discard_plan, plan_simulation, quiet_environment, run_simulation
+from fedchurn.simulation.driver import discard_plan, plan_simulation, quiet_environment, run_simulation
 
 
 class PeakMemory:
@@ -107,7 +107,7 @@ def synthetic_config(institutions: int, rows: int, rounds: int, out: Path) -> Fe
 
 def csv_config(path: Path, rounds: int, out: Path) -> tuple[FedChurnConfig, float]:
     """The config the ``--data`` quick start builds for ``path``, and the inference time."""
-    from shared.schema_inference import infer_schema
+    from fedchurn.shared.schema_inference import infer_schema
 
     started = time.perf_counter()
     schema = infer_schema(path, label=LABEL, institution_column=INSTITUTION).schema
@@ -182,13 +182,13 @@ def run_reference(config: FedChurnConfig, institutions: int) -> dict[str, Any]:
 
 def compute_floor(config: FedChurnConfig) -> dict[str, float]:
     """The same DP training in this one process: no Flower, no Ray, no files between rounds."""
-    from clients.training import train_locally
-    from shared.data import derive_seed, institution_names, prepare_institution
-    from shared.metrics import roc_auc
-    from shared.model import build_model
-    from shared.partitions import stage_partitions
-    from shared.privacy import AccountantState
-    from shared.sharing import load_shared_arrays, outgoing_arrays
+    from fedchurn.clients.training import train_locally
+    from fedchurn.shared.data import derive_seed, institution_names, prepare_institution
+    from fedchurn.shared.metrics import roc_auc
+    from fedchurn.shared.model import build_model
+    from fedchurn.shared.partitions import stage_partitions
+    from fedchurn.shared.privacy import AccountantState
+    from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 
     torch.set_num_threads(1)
     started = time.perf_counter()

@@ -22,6 +22,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.data import (
+    PreparedInstitution,
+    Preprocessor,
+    derive_seed,
+    institution_names,
+    prepare_institution,
+    split_institution,
+)
+from fedchurn.shared.metrics import roc_auc
+from fedchurn.shared.model import build_model
+from fedchurn.shared.table_checks import check_rows, columns_to_read, institution_codes
+from fedchurn.shared.table_io import ColumnTable, read_columns, read_header
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -30,20 +43,6 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from shared.config import FedChurnConfig
-from shared.data import (
-    PreparedInstitution,
-    Preprocessor,
-    derive_seed,
-    institution_names,
-    prepare_institution,
-    split_institution,
-)
-from shared.metrics import roc_auc
-from shared.model import build_model
-from shared.table_checks import check_rows, columns_to_read, institution_codes
-from shared.table_io import ColumnTable, read_columns, read_header
 
 REFERENCE_CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}
 warnings.filterwarnings("ignore", message="Secure RNG turned off")  # Opacus' reminder, once per engine

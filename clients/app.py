@@ -14,19 +14,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
-from clients.budget import BankDeclined, store_countersignature
-from clients.institution import Institution, evaluate_round, resolve_institution, train_round
-from clients.private_evaluation import EvaluationWithheld
-from clients.warmup import warm_up
-from shared.config import FedChurnConfig, config_from_run_config
-from shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
-from shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
-from shared.ledger import LedgerError
-from shared.ledger_signing import COUNTERSIGNATURE_FIELD, WIRE_KEY
-from shared.wire import (
+from fedchurn.clients.budget import BankDeclined, store_countersignature
+from fedchurn.clients.institution import Institution, evaluate_round, resolve_institution, train_round
+from fedchurn.clients.private_evaluation import EvaluationWithheld
+from fedchurn.clients.warmup import warm_up
+from fedchurn.shared.config import FedChurnConfig, config_from_run_config
+from fedchurn.shared.decline import ERROR_CONFIG, ERROR_DATA, ERROR_INTERNAL, ERROR_STATE, Decline, decline_content
+from fedchurn.shared.errors import CheckpointError, ConfigError, DataError, PrivacyError
+from fedchurn.shared.ledger import LedgerError
+from fedchurn.shared.ledger_signing import COUNTERSIGNATURE_FIELD, WIRE_KEY
+from fedchurn.shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -38,6 +35,8 @@ from shared.wire import (
     to_array_record,
     whitelisted_metrics,
 )
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
 

@@ -18,22 +18,22 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
-from shared.errors import FedChurnError
-from shared.ledger import InstitutionLedger, SignedHash
-from shared.ledger_signing import (
+from fedchurn.shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.ledger import InstitutionLedger, SignedHash
+from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,
     LedgerSigner,
     load_or_create_signer,
     load_signer,
     parse_countersignature,
 )
-from shared.privacy import AccountantState, MechanismStep, epsilon_of
-from shared.provenance import library_versions
-from shared.transfer import epochs_per_round
+from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.provenance import library_versions
+from fedchurn.shared.transfer import epochs_per_round
 
 if TYPE_CHECKING:  # clients.institution calls into this module
-    from clients.institution import Institution
+    from fedchurn.clients.institution import Institution
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ Two attackers score every canary (higher: more likely trained on):
   update of those weights (an included canary's gradient is in the update; DP-SGD's clipping and noise bound how
   visible it is).
 
-Each score becomes an ε lower bound at confidence 1 − β with the one-run theorem (shared/empirical_audit.py), set
+Each score becomes an ε lower bound at confidence 1 − β with the one-run theorem (fedchurn/auditing/empirical.py), set
 beside the ε the bank's accountant claims for this same run (its n, q, steps).
 """
 
@@ -35,17 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.clients.training import steps_per_round
+from fedchurn.clients.transfer import train_round_phases
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.data import prepare_institution
+from fedchurn.shared.model import ChurnModel, build_model
+from fedchurn.shared.privacy import AccountantState, resolve_noise_multiplier, sample_rate_for
+from fedchurn.shared.transfer import epochs_per_round
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from clients.training import steps_per_round
-from clients.transfer import train_round_phases
-from shared.config import FedChurnConfig
-from shared.data import prepare_institution
-from shared.empirical_audit import Guesses, epsilon_lower_bound, guess
-from shared.model import ChurnModel, build_model
-from shared.privacy import AccountantState, resolve_noise_multiplier, sample_rate_for
-from shared.transfer import epochs_per_round
+from fedchurn.auditing.empirical import Guesses, epsilon_lower_bound, guess
 
 logger = logging.getLogger(__name__)
 

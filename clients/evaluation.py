@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fedchurn.shared.metrics import binary_metrics
+from fedchurn.shared.model import ChurnModel
 from torch import nn
-
-from shared.metrics import binary_metrics
-from shared.model import ChurnModel
 
 
 @torch.no_grad()

@@ -18,16 +18,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
-
-from clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
-from clients.private_evaluation import private_evaluation
-from clients.state import InstitutionState, StateStore
-from clients.training import steps_per_round
-from clients.transfer import train_round_phases
-from shared.bank_random import SeedSource, bank_secret_key, renew_bank_secret_key
-from shared.config import FedChurnConfig, config_to_dict
-from shared.data import (
+from fedchurn.clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
+from fedchurn.clients.private_evaluation import private_evaluation
+from fedchurn.clients.state import InstitutionState, StateStore
+from fedchurn.clients.training import steps_per_round
+from fedchurn.clients.transfer import train_round_phases
+from fedchurn.shared.bank_random import SeedSource, bank_secret_key, renew_bank_secret_key
+from fedchurn.shared.config import FedChurnConfig, config_to_dict
+from fedchurn.shared.data import (
     PreparedInstitution,
     UnbalancedSplitError,
     derive_seed,
@@ -35,11 +33,11 @@ from shared.data import (
     prepare_institution,
     resolve_schema,
 )
-from shared.decline import BUDGET_EXHAUSTED, Decline
-from shared.errors import FedChurnError, PrivacyError
-from shared.ledger import SignedHash
-from shared.model import ChurnModel, build_model, head_state, load_head_state
-from shared.policy import (
+from fedchurn.shared.decline import BUDGET_EXHAUSTED, Decline
+from fedchurn.shared.errors import FedChurnError, PrivacyError
+from fedchurn.shared.ledger import SignedHash
+from fedchurn.shared.model import ChurnModel, build_model, head_state, load_head_state
+from fedchurn.shared.policy import (
     CONSERVATIVE_POLICY,
     POLICY_TOO_MANY_ROUNDS,
     BankPolicy,
@@ -47,11 +45,12 @@ from shared.policy import (
     load_policy,
     policy_for_simulated_bank,
 )
-from shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
-from shared.private_metrics import evaluation_settings
-from shared.sharing import load_shared_arrays, outgoing_arrays
-from shared.transfer import epochs_per_round
-from shared.wire import WEIGHT_KEY
+from fedchurn.shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
+from fedchurn.shared.private_metrics import evaluation_settings
+from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
+from fedchurn.shared.transfer import epochs_per_round
+from fedchurn.shared.wire import WEIGHT_KEY
+from flwr.app import RecordDict
 
 logger = logging.getLogger(__name__)
 

@@ -29,18 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import RecordDict
-
-from clients.budget import bank_signer, lifetime_cap, lifetime_history
-from clients.evaluation import predict_logits
-from clients.state import InstitutionState, StateStore
-from shared.calibration import Calibrator, decile_thresholds, fit_platt_histogram
-from shared.decline import EVALUATION_WITHHELD, Decline
-from shared.errors import FedChurnError
-from shared.ledger import InstitutionLedger
-from shared.model import ChurnModel
-from shared.privacy import epsilon_of
-from shared.private_metrics import (
+from fedchurn.clients.budget import bank_signer, lifetime_cap, lifetime_history
+from fedchurn.clients.evaluation import predict_logits
+from fedchurn.clients.state import InstitutionState, StateStore
+from fedchurn.shared.calibration import Calibrator, decile_thresholds, fit_platt_histogram
+from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.ledger import InstitutionLedger
+from fedchurn.shared.model import ChurnModel
+from fedchurn.shared.privacy import epsilon_of
+from fedchurn.shared.private_metrics import (
     EvaluationSettings,
     histogram_auc,
     histogram_metrics,
@@ -48,11 +46,12 @@ from shared.private_metrics import (
     score_histogram,
     secure_rng,
 )
-from shared.provenance import library_versions
+from fedchurn.shared.provenance import library_versions
+from flwr.app import RecordDict
 
 if TYPE_CHECKING:
-    from clients.institution import Institution
-    from shared.data import PreparedInstitution
+    from fedchurn.clients.institution import Institution
+    from fedchurn.shared.data import PreparedInstitution
 
 logger = logging.getLogger(__name__)
 

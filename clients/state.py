@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.privacy import AccountantState
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-
-from shared.errors import FedChurnError
-from shared.privacy import AccountantState
 
 logger = logging.getLogger(__name__)
 

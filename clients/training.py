@@ -11,12 +11,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from fedchurn.shared.config import PrivacyConfig, TrainingConfig
+from fedchurn.shared.model import ChurnModel
+from fedchurn.shared.privacy import AccountantState, epsilon_of, make_private, sample_rate_for
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from shared.config import PrivacyConfig, TrainingConfig
-from shared.model import ChurnModel
-from shared.privacy import AccountantState, epsilon_of, make_private, sample_rate_for
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,12 @@ import dataclasses
 import math
 
 import numpy as np
-
-from clients.training import TrainReport, train_locally
-from shared.bank_random import derive_seed64
-from shared.config import FedChurnConfig
-from shared.model import ChurnModel
-from shared.privacy import AccountantState
-from shared.transfer import round_phases
+from fedchurn.clients.training import TrainReport, train_locally
+from fedchurn.shared.bank_random import derive_seed64
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.model import ChurnModel
+from fedchurn.shared.privacy import AccountantState
+from fedchurn.shared.transfer import round_phases
 
 
 def train_round_phases(

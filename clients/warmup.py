@@ -13,8 +13,7 @@ import functools
 import logging
 
 import torch
-
-from clients.institution import Institution, load_data
+from fedchurn.clients.institution import Institution, load_data
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.config import config_to_run_config, default_config
+from fedchurn.shared.config import config_to_run_config, default_config
 
 HEADER = "[tool.flwr.app.config]\n"
 NEXT_SECTION = "\n# --- quality"

@@ -10,21 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedchurn.server.privacy_oversight import PrivacyOversight
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.resume import ResumableRun, check_new_run_folder
+from fedchurn.server.strategy import make_strategy
+from fedchurn.server.warmup import warm_up_nodes
+from fedchurn.shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
+from fedchurn.shared.data import derive_seed, resolve_schema
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.model import build_model, encoder_arrays, save_encoder_checkpoint
+from fedchurn.shared.provenance import library_versions, load_checked_encoder
+from fedchurn.shared.sharing import initial_shared_arrays, save_global_head, split_shared
+from fedchurn.shared.wire import from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-
-from server.privacy_oversight import PrivacyOversight
-from server.report import RunRecorder
-from server.resume import ResumableRun, check_new_run_folder
-from server.strategy import make_strategy
-from server.warmup import warm_up_nodes
-from shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
-from shared.data import derive_seed, resolve_schema
-from shared.errors import FedChurnError
-from shared.model import build_model, encoder_arrays, save_encoder_checkpoint
-from shared.provenance import library_versions, load_checked_encoder
-from shared.sharing import initial_shared_arrays, save_global_head, split_shared
-from shared.wire import from_array_record, to_array_record
 
 logger = logging.getLogger(__name__)
 

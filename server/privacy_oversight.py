@@ -26,24 +26,23 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-
-from server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
-from server.reply_checks import check_member
-from server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
-from shared.config import FedChurnConfig
-from shared.decline import EVALUATION_WITHHELD, Decline, is_decline, read_decline
-from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, LedgerError, SignedHash
-from shared.ledger_signing import (
+from fedchurn.server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
+from fedchurn.server.reply_checks import check_member
+from fedchurn.server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline, is_decline, read_decline
+from fedchurn.shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain, LedgerError, SignedHash
+from fedchurn.shared.ledger_signing import (
     CONSORTIUM_KEY_FILE,
     COUNTERSIGNATURE_FIELD,
     WIRE_KEY,
     load_or_create_signer,
     parse_wire,
 )
-from shared.wire import CONFIG_KEY
+from fedchurn.shared.wire import CONFIG_KEY
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from fedchurn.shared.wire import IDENTITY_KEY, INSTITUTION_FIELD, WEIGHT_KEY
 from flwr.app import Message
-
-from shared.wire import IDENTITY_KEY, INSTITUTION_FIELD, WEIGHT_KEY
 
 LEDGER_KEY = "ledger"  # optional ConfigRecord of a train reply: the institution's signed ledger entry
 LEDGER_FIELDS = ("record-hash", "signature", "public-key")

@@ -10,11 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedchurn.server.checkpoint import save_round
+from fedchurn.server.strategy import DroppedReply, Reply
+from fedchurn.shared.wire import from_array_record
 from flwr.app import ArrayRecord, MetricRecord
-
-from server.checkpoint import save_round
-from server.strategy import DroppedReply, Reply
-from shared.wire import from_array_record
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")  # one line per round; the CLI shows it

@@ -15,11 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
-
-from server.reply_checks import (
+from fedchurn.server.reply_checks import (
     check_config_records,
     check_encoder_update,
     check_member,
@@ -28,10 +24,10 @@ from server.reply_checks import (
     reply_institution,
     update_norm,
 )
-from shared.config import StrategyConfig
-from shared.errors import FedChurnError
-from shared.transfer import outside_mode, replies_carry_arrays
-from shared.wire import (
+from fedchurn.shared.config import StrategyConfig
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.transfer import outside_mode, replies_carry_arrays
+from fedchurn.shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -42,6 +38,9 @@ from shared.wire import (
     from_array_record,
     to_array_record,
 )
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 __all__ = [
     "DroppedReply",

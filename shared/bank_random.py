@@ -26,7 +26,7 @@ import secrets
 import time
 from pathlib import Path
 
-from shared.errors import FedChurnError
+from fedchurn.shared.errors import FedChurnError
 
 logger = logging.getLogger(__name__)
 

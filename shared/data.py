@@ -17,22 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from shared.config import (
+from fedchurn.shared.config import (
     DataConfig,
     FedChurnConfig,
     SchemaConfig,
     SyntheticConfig,
 )
-from shared.errors import ConfigError, DataError
-from shared.partitions import load_partition, read_manifest
-from shared.schema_inference import InferredSchema as InferredSchema  # re-exported: callers import them here
-from shared.schema_inference import infer_schema as infer_schema
-from shared.table_checks import LABEL_POSITIVE_DEFAULTS as LABEL_POSITIVE_DEFAULTS
-from shared.table_checks import MISSING_POLICIES as MISSING_POLICIES
-from shared.table_checks import RawTable, institution_first_lines
-from shared.table_checks import read_csv_table as read_csv_table
-from shared.table_io import read_csv_text as _read_csv_text  # noqa: F401 (shared/scoring.py reads it here)
+from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.partitions import load_partition, read_manifest
+from fedchurn.shared.schema_inference import InferredSchema as InferredSchema  # re-exported: callers import them here
+from fedchurn.shared.schema_inference import infer_schema as infer_schema
+from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS as LABEL_POSITIVE_DEFAULTS
+from fedchurn.shared.table_checks import MISSING_POLICIES as MISSING_POLICIES
+from fedchurn.shared.table_checks import RawTable, institution_first_lines
+from fedchurn.shared.table_checks import read_csv_table as read_csv_table
+from fedchurn.shared.table_io import read_csv_text as _read_csv_text  # noqa: F401 (fedchurn/scoring.py reads it here)
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def resolve_schema(data: DataConfig) -> SchemaConfig:
 
 def derive_seed(*parts: int | str) -> int:
     """A stable 31-bit seed from ints and strings (sha256: the same on every machine and Python run)."""
-    from shared.bank_random import seed_digest
+    from fedchurn.shared.bank_random import seed_digest
 
     return int.from_bytes(seed_digest(*parts)[:4], "big") & 0x7FFFFFFF
 
@@ -344,7 +343,7 @@ def _generate_synthetic(synthetic: SyntheticConfig, index: int, *, seed: int) ->
 def generate_synthetic_rows(profile: SyntheticProfile, *, seed: int, rows_seed: int) -> tuple[RawTable, np.ndarray]:
     """Rows of ``profile`` under the consortium's churn model for ``seed``, drawn from ``rows_seed``.
 
-    Also draws the consortium's source domain (shared/source_data.py): same behaviour, other customers.
+    Also draws the consortium's source domain (fedchurn/pretraining/source_data.py): same behaviour, other customers.
     """
     model = _churn_model(seed)
     rng = np.random.default_rng(rows_seed)
@@ -468,8 +467,8 @@ def split_institution(table: RawTable, *, validation_fraction: float, test_fract
     Each part must hold at least one churned and one retained customer: when it does not, this is an error
     (:class:`UnbalancedSplitError`) that names the fix, never a silent reshuffle.
     """
-    from shared.bank_random import row_coin
-    from shared.row_identity import row_bytes
+    from fedchurn.shared.bank_random import row_coin
+    from fedchurn.shared.row_identity import row_bytes
 
     if not (0.0 < validation_fraction < 1.0 and 0.0 < test_fraction < 1.0 and validation_fraction + test_fraction < 1):
         raise ConfigError(
@@ -701,8 +700,8 @@ def prepare_institution(
     ``split_key`` is the bank's secret key (shared/bank_random.bank_secret_key). Without one (offline tools,
     research) the key is derived from the config's seed and the institution's name: a split the server can know.
     """
-    from shared.bank_random import reproducible_key
-    from shared.row_identity import file_fingerprint, table_fingerprint
+    from fedchurn.shared.bank_random import reproducible_key
+    from fedchurn.shared.row_identity import file_fingerprint, table_fingerprint
 
     data = config.data
     staged = load_partition(data, config.output_dir, institution) if data.source == "csv" else None

@@ -13,9 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
-from shared.policy import (
+from fedchurn.shared.policy import (
     POLICY_CLIPPING_TOO_HIGH,
     POLICY_DELTA_TOO_HIGH,
     POLICY_DP_REQUIRED,
@@ -24,7 +22,8 @@ from shared.policy import (
     POLICY_REPRODUCIBLE_NOISE,
     POLICY_TOO_MANY_ROUNDS,
 )
-from shared.wire import IDENTITY_KEY, METRICS_KEY, identity_record
+from fedchurn.shared.wire import IDENTITY_KEY, METRICS_KEY, identity_record
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 STATUS_KEY = "status"  # the ConfigRecord of a decline
 STATUS_FIELD = "status"

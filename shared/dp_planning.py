@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import FedChurnConfig
-from shared.errors import ConfigError
-from shared.privacy import noise_multiplier_for, sample_rate_for
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.privacy import noise_multiplier_for, sample_rate_for
 
 BATCH_PER_SQRT_ROW = 2.0
 MIN_BATCH = 32

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.errors import FedChurnError
+from fedchurn.shared.errors import FedChurnError
 
 __all__ = [
     "CONSORTIUM_LEDGER_FILE",

@@ -41,9 +41,8 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from shared.errors import FedChurnError
-from shared.ledger import SignedHash
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.ledger import SignedHash
 
 logger = logging.getLogger(__name__)
 

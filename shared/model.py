@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.shared.config import ModelConfig
+from fedchurn.shared.errors import CheckpointError
 from torch import nn
-
-from shared.config import ModelConfig
-from shared.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

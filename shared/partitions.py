@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from shared.config import DataConfig, FedChurnConfig, SchemaConfig, config_to_dict
-from shared.errors import DataError
-from shared.table_checks import (
+from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, config_to_dict
+from fedchurn.shared.errors import DataError
+from fedchurn.shared.table_checks import (
     CheckedRows,
     RawTable,
     check_rows,
@@ -36,9 +35,9 @@ from shared.table_checks import (
     log_extra_columns,
     read_csv_table,
 )
-from shared.table_io import forget_tables, read_columns, read_header
+from fedchurn.shared.table_io import forget_tables, read_columns, read_header
 
-logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
+logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
 CACHE_DIR = "data-partitions"
 MANIFEST = "manifest.json"

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from shared.errors import ConfigError
+from fedchurn.shared.errors import ConfigError
 
 if TYPE_CHECKING:
-    from shared.config import FedChurnConfig
+    from fedchurn.shared.config import FedChurnConfig
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.shared import dp_sgd
+from fedchurn.shared.config import PrivacyConfig
+from fedchurn.shared.errors import PrivacyError
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
@@ -35,10 +38,6 @@ from opacus.grad_sample import AbstractGradSampleModule
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader
-
-from shared import dp_sgd
-from shared.config import PrivacyConfig
-from shared.errors import PrivacyError
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from shared.config import FedChurnConfig
-from shared.errors import FedChurnError
-from shared.policy import BankPolicy
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.policy import BankPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.config import FedChurnConfig, SchemaConfig
-from shared.data import resolve_schema
-from shared.errors import CheckpointError
-from shared.model import load_encoder_checkpoint
+from fedchurn.shared.config import FedChurnConfig, SchemaConfig
+from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.errors import CheckpointError
+from fedchurn.shared.model import load_encoder_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def load_checked_encoder(config: FedChurnConfig, feature_names: Sequence[str]) -
 
 def check_transfer_setup(config: FedChurnConfig) -> None:
     """Before any process starts: a federated transfer mode, and a checkpoint (if any) that fits the federation."""
-    from shared.transfer import require_federated
+    from fedchurn.shared.transfer import require_federated
 
     require_federated(config)
     if config.model.encoder_checkpoint:

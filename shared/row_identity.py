@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.errors import DataError
+from fedchurn.shared.errors import DataError
 
 if TYPE_CHECKING:
-    from shared.data import RawTable
+    from fedchurn.shared.data import RawTable
 
 __all__ = ["file_fingerprint", "row_bytes", "rows_fingerprint", "table_fingerprint"]
 

@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from shared.config import SchemaConfig
-from shared.errors import DataError
-from shared.table_checks import (
+from fedchurn.shared.config import SchemaConfig
+from fedchurn.shared.errors import DataError
+from fedchurn.shared.table_checks import (
     OTHER,
     _blank,
     _is_number_text,
@@ -42,9 +41,9 @@ from shared.table_checks import (
     institution_codes,
     parse_numeric,
 )
-from shared.table_io import ColumnTable, check_column, read_columns, read_header
+from fedchurn.shared.table_io import ColumnTable, check_column, read_columns, read_header
 
-logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
+logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
 LEAKY_AUC = 0.95
 MIN_INSTITUTIONS_PER_VALUE = 2

@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shared.config import FedChurnConfig
-from shared.data import derive_seed
-from shared.errors import CheckpointError
-from shared.model import (
+from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.data import derive_seed
+from fedchurn.shared.errors import CheckpointError
+from fedchurn.shared.model import (
     ENCODER_PREFIX,
     HEAD_PREFIX,
     ChurnModel,
@@ -26,7 +25,7 @@ from shared.model import (
     load_encoder_arrays,
     load_head_state,
 )
-from shared.transfer import shared_prefixes
+from fedchurn.shared.transfer import shared_prefixes
 
 GLOBAL_HEAD_FILE = "global-head.pt"  # fedavg only: the aggregated head, beside encoder.pt
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from fedchurn.shared.config import INSTITUTION_NAME_RULE, SchemaConfig, is_valid_institution_name
+from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.table_io import ColumnTable, read_columns, read_header
 
-from shared.config import INSTITUTION_NAME_RULE, SchemaConfig, is_valid_institution_name
-from shared.errors import ConfigError, DataError
-from shared.table_io import ColumnTable, read_columns, read_header
-
-logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
+logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
 LABEL_POSITIVE_DEFAULTS = ("1", "yes", "true", "y", "churn", "churned")  # case-insensitive, when positive is None
 MISSING_POLICIES = ("error", "drop", "impute")

@@ -24,10 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from fedchurn.shared.errors import DataError
 
-from shared.errors import DataError
-
-logger = logging.getLogger("shared.data")  # one logger for the data pipeline (users filter on it)
+logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _LINE_SCAN_CHUNK = 64 * 2**20  # bytes per step when counting lines: bounded memory on a 10 GB file

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shared.config import FedChurnConfig, TransferConfig
-from shared.errors import ConfigError
+from fedchurn.shared.config import FedChurnConfig, TransferConfig
+from fedchurn.shared.errors import ConfigError
 
 # The same prefixes as shared/model.py (kept here so the torch-free server can use them; a test checks both).
 ENCODER_PREFIX = "encoder."

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import SyntheticConfig
-from shared.data import generate_synthetic_institution, write_csv
-from shared.federation import (
+from fedchurn.shared.config import SyntheticConfig
+from fedchurn.shared.data import generate_synthetic_institution, write_csv
+
+from fedchurn.deployment.federation import (
     flower_environment,
     free_port,
     list_nodes,
@@ -27,7 +28,7 @@ from shared.federation import (
     wait_for_superlink,
     write_connection,
 )
-from shared.pki import create_ca, create_node_key, create_server_cert
+from fedchurn.deployment.pki import create_ca, create_node_key, create_server_cert
 
 CONNECTION = "test-federation"
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ class Federation:
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[Any]:
         log = (self.root / f"{name}.log").open("a")
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
+            [sys.executable, "-m", "fedchurn.cli.main", *args],
             cwd=ROOT,
             env=flower_environment(self.flwr_home),
             stdout=log,

@@ -16,22 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fedchurn.clients.app import make_client_app
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.privacy_oversight import PrivacyOversight
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.strategy import make_strategy
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config, dump_config
+from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.ledger import CONSORTIUM_LEDGER_FILE, InstitutionLedger, JsonlChain
+from fedchurn.shared.ledger_signing import (
+    BANK_KEY_FILE,
+    CONSORTIUM_KEY_FILE,
+    fingerprint,
+    load_or_create_signer,
+    load_signer,
+)
+from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of
+from fedchurn.shared.wire import from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from clients.app import make_client_app
-from server.app import initial_encoder
-from server.privacy_oversight import PrivacyOversight
-from server.report import RunRecorder
-from server.strategy import make_strategy
-from shared.audit import InstitutionAudit, audit_run
-from shared.audit_evidence import check_what_ran, lifetime_epsilon
-from shared.cli import main
-from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config, dump_config
-from shared.data import resolve_schema
-from shared.ledger import CONSORTIUM_LEDGER_FILE, InstitutionLedger, JsonlChain
-from shared.ledger_signing import BANK_KEY_FILE, CONSORTIUM_KEY_FILE, fingerprint, load_or_create_signer, load_signer
-from shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of
-from shared.wire import from_array_record, to_array_record
+from fedchurn.auditing.evidence import check_what_ran, lifetime_epsilon
+from fedchurn.auditing.run_audit import InstitutionAudit, audit_run
+from fedchurn.cli.main import main
 
 ROUNDS = 3
 RUN_ID = 41

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedchurn.shared.config import load_config
 
-from shared.cli import main
-from shared.config import load_config
+from fedchurn.cli.main import main
 
 
 def _csv(path: Path, rows: list[str]) -> Path:
@@ -29,7 +29,10 @@ def test_bad_config_exits_2_with_key_value_rule_and_no_traceback(tmp_path: Path)
     config = tmp_path / "bad.yaml"
     config.write_text("rounds: 3\nprivacy:\n  delta: 1e-5\n")
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "simulate", str(config)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fedchurn.cli.main", "simulate", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "config key 'privacy.delta' = '1e-5': must be a number" in result.stderr
@@ -109,6 +112,6 @@ def test_config_show_is_the_default(capsys: pytest.CaptureFixture[str], tmp_path
     assert main(["config", "show"]) == 0
     shown = tmp_path / "shown.yaml"
     shown.write_text(capsys.readouterr().out)
-    from shared.config import default_config
+    from fedchurn.shared.config import default_config
 
     assert load_config(shown) == default_config()

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedchurn.clients.app import make_client_app
+from fedchurn.clients.training import steps_per_round
+from fedchurn.server.app import initial_encoder
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
+from fedchurn.shared.data import prepare_institution, resolve_schema
+from fedchurn.shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
+from fedchurn.shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
 from flwr.app import Context, Message, MessageType, RecordDict
-
-from clients.app import make_client_app
-from clients.training import steps_per_round
-from server.app import initial_encoder
-from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from shared.data import prepare_institution, resolve_schema
-from shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
-from shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +30,7 @@ def _task_identity():
 
 def _bank_key(config: FedChurnConfig, name: str) -> bytes:
     """The virtual bank's secret split key (its state folder), as the bank itself reads it."""
-    from shared.bank_random import bank_secret_key
+    from fedchurn.shared.bank_random import bank_secret_key
 
     return bank_secret_key(Path(config.output_dir) / "institutions" / name)[0]
 

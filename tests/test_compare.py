@@ -9,10 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
+from fedchurn.shared.data import prepare_institution
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from shared.comparison import (
+from fedchurn.comparison.report import markdown_table, mean_ci95, summarise
+from fedchurn.comparison.runner import (
     COMPARE_MODES,
     at_target_epsilon,
     default_modes,
@@ -20,11 +25,6 @@ from shared.comparison import (
     run_comparison,
     seeds_from,
 )
-from shared.comparison_report import markdown_table, mean_ci95, summarise
-from shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
-from shared.data import prepare_institution
-from shared.errors import ConfigError
-from shared.privacy import compute_epsilon, sample_rate_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -154,7 +154,7 @@ def test_reference_modes_and_baselines_over_two_seeds(tmp_path: Path) -> None:
 
 def test_local_epsilon_follows_the_accountant_for_the_derived_sigma(tmp_path: Path) -> None:
     """An independent check of local's ε: recompute it from the σ the target implies (RDP, same steps)."""
-    from shared.privacy import noise_multiplier_for
+    from fedchurn.shared.privacy import noise_multiplier_for
 
     config = _config(tmp_path)
     comparison = run_comparison(config, modes=("local",), target_epsilon=2.0, output_dir=tmp_path / "cmp")
@@ -172,9 +172,9 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ray starts once for all modes and seeds; each run gets the same target ε and no fixed σ."""
-    import shared.comparison
-    import shared.ray_head
-    import shared.simulation
+    import fedchurn.comparison.runner as comparison_module
+    import fedchurn.simulation.driver as simulation_module
+    import fedchurn.simulation.ray_head as ray_head_module
 
     heads: list[str] = []
     calls: list[tuple[str, int, str | None, float | None, float | None]] = []
@@ -198,15 +198,15 @@ def test_every_federated_run_of_every_seed_attaches_to_one_ray_at_one_target(
         calls.append((plan.transfer.mode, plan.seed, ray_address, privacy.target_epsilon, privacy.noise_multiplier))
         return {"institutions": {"bank-01": {"auc": 0.7, "pr_auc": 0.4, "epsilon": 2.99, "n_train": 10}}}
 
-    monkeypatch.setattr(shared.ray_head, "RayHead", FakeHead)
+    monkeypatch.setattr(ray_head_module, "RayHead", FakeHead)
     # No run folder comes out of the fake simulation: nothing to score on the exact test rows.
     monkeypatch.setattr(
-        shared.comparison,
+        comparison_module,
         "_exact_metrics",
         lambda config, name: {"auc": 0.7, "pr_auc": 0.4, "epsilon": 2.99, "n_train": 10},
     )
-    monkeypatch.setattr(shared.simulation, "plan_simulation", fake_plan)
-    monkeypatch.setattr(shared.simulation, "run_simulation", fake_run)
+    monkeypatch.setattr(simulation_module, "plan_simulation", fake_plan)
+    monkeypatch.setattr(simulation_module, "run_simulation", fake_run)
     config = apply_overrides(_config(tmp_path), {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})
     comparison = run_comparison(
         config, modes=("finetune", "fedrep"), seeds=(0, 1), target_epsilon=3.0, output_dir=tmp_path / "cmp"
@@ -230,7 +230,7 @@ def test_the_ray_head_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.
 
     import ray
 
-    from shared.ray_head import RayHead
+    from fedchurn.simulation.ray_head import RayHead
 
     default_temp = tmp_path / "ray-default"
     monkeypatch.setenv("RAY_TMPDIR", str(default_temp))

@@ -7,9 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from flwr.common.config import flatten_dict
-
-from shared.config import (
+from fedchurn.shared.config import (
     FedChurnConfig,
     SchemaConfig,
     apply_overrides,
@@ -22,7 +20,8 @@ from shared.config import (
     load_config,
     parse_override,
 )
-from shared.errors import ConfigError
+from fedchurn.shared.errors import ConfigError
+from flwr.common.config import flatten_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +74,7 @@ def test_pyproject_flower_config_is_the_embedded_default() -> None:
     flower_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert flower_config == config_to_run_config(default_config())
     components = pyproject["tool"]["flwr"]["app"]["components"]
-    assert components == {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
+    assert components == {"serverapp": "fedchurn.server.app:app", "clientapp": "fedchurn.clients.app:app"}
 
 
 def test_unknown_run_config_key_refused() -> None:

@@ -13,9 +13,8 @@ from typing import Literal
 
 import numpy as np
 import pytest
-
-from shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
-from shared.data import (
+from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
+from fedchurn.shared.data import (
     LABEL_POSITIVE_DEFAULTS,
     SYNTHETIC_SCHEMA,
     Preprocessor,
@@ -34,7 +33,7 @@ from shared.data import (
     synthetic_profile,
     write_csv,
 )
-from shared.errors import ConfigError, DataError
+from fedchurn.shared.errors import ConfigError, DataError
 
 SCHEMA = SchemaConfig(
     label="churn",
@@ -104,7 +103,7 @@ def test_read_good_table(tmp_path: Path) -> None:
 def test_extra_columns_are_logged_and_dropped_columns_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     schema = SchemaConfig(label="churn", positive="yes", numeric=("age",), drop=("id",))
     path = write(tmp_path, "id,age,notes,churn\n1,30,x,no\n2,40,y,yes\n")
-    with caplog.at_level(logging.INFO, logger="shared.data"):
+    with caplog.at_level(logging.INFO, logger="fedchurn.shared.data"):
         table = read(path, schema)
     assert table.numeric[:, 0].tolist() == [30, 40]
     messages = " ".join(r.getMessage() for r in caplog.records)
@@ -989,7 +988,7 @@ def test_line_numbers_count_blank_lines_crlf_and_quoted_newlines(tmp_path: Path)
 
 
 def test_staged_partitions_equal_direct_reads_and_are_removed(tmp_path: Path) -> None:
-    from shared.partitions import cache_folder, load_partition, remove_partitions, stage_partitions
+    from fedchurn.shared.partitions import cache_folder, load_partition, remove_partitions, stage_partitions
 
     path = _pooled(tmp_path)
     data = DataConfig(source="csv", csv_path=str(path), institution_column="bank", schema=SCHEMA)
@@ -1013,7 +1012,7 @@ def test_staged_partitions_equal_direct_reads_and_are_removed(tmp_path: Path) ->
 
 
 def test_staging_reports_the_first_error_like_a_direct_read(tmp_path: Path) -> None:
-    from shared.partitions import stage_partitions
+    from fedchurn.shared.partitions import stage_partitions
 
     path = _pooled(tmp_path)
     lines = path.read_text().splitlines()
@@ -1083,7 +1082,7 @@ def test_inferred_bounds_are_rounded_outward_percentiles(tmp_path: Path) -> None
     schema = infer_schema(path, label="churn", institution_column="bank").schema
     # age runs 20..59 in every bank: 1st percentile 20.39 -> 20; 99th 59 - 0.39 = 58.61 -> 59.
     assert schema.bounds["age"] == (20.0, 59.0)
-    from shared.schema_inference import propose_bounds
+    from fedchurn.shared.schema_inference import propose_bounds
 
     # By hand: 1st percentile 0.0123 + 0.02 * 0.4877 = 0.02205 -> 0.022; 99th 0.5 + 0.98 * 986.5 = 967.3 -> 970.
     assert propose_bounds(np.array([0.0123, 0.5, 987.0])) == (0.022, 970.0)
@@ -1091,7 +1090,7 @@ def test_inferred_bounds_are_rounded_outward_percentiles(tmp_path: Path) -> None
 
 
 def test_inferred_bounds_survive_save_config(tmp_path: Path) -> None:
-    from shared.config import dump_config, load_config
+    from fedchurn.shared.config import dump_config, load_config
 
     schema = infer_schema(_pooled(tmp_path), label="churn", institution_column="bank").schema
     config = FedChurnConfig(

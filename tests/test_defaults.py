@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from shared.config import FedChurnConfig, config_to_dict, default_config, load_config
+from fedchurn.shared.config import FedChurnConfig, config_to_dict, default_config, load_config
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -30,7 +29,7 @@ def test_every_key_of_the_embedded_default_equals_the_dataclass_default() -> Non
 
 
 def test_every_key_the_embedded_yaml_spells_out_is_a_field() -> None:
-    from shared.config import DEFAULT_CONFIG_YAML
+    from fedchurn.shared.config import DEFAULT_CONFIG_YAML
 
     spelled = _leaves(yaml.safe_load(DEFAULT_CONFIG_YAML))
     fields = _leaves(config_to_dict(FedChurnConfig()))

@@ -6,9 +6,8 @@ import inspect
 import math
 
 import pytest
-
-from shared.config import apply_overrides, default_config
-from shared.dp_planning import (
+from fedchurn.shared.config import apply_overrides, default_config
+from fedchurn.shared.dp_planning import (
     MAX_BATCH,
     MIN_BATCH,
     TOTAL_EPOCHS,
@@ -17,9 +16,10 @@ from shared.dp_planning import (
     planned_batch_size,
     planned_local_epochs,
 )
-from shared.errors import ConfigError
-from shared.independent_accounting import pld_epsilon
-from shared.privacy import compute_epsilon
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.privacy import compute_epsilon
+
+from fedchurn.auditing.independent_accounting import pld_epsilon
 
 
 def test_batch_grows_like_twice_sqrt_n_within_bounds() -> None:

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from fedchurn.shared.config import ModelConfig
+from fedchurn.shared.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
+from fedchurn.shared.model import build_model
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
-
-from shared.config import ModelConfig
-from shared.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
-from shared.model import build_model
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -121,9 +120,8 @@ def test_supports_only_linear_models() -> None:
 
 
 def test_make_private_vectorized_accounts_every_step_and_detaches() -> None:
+    from fedchurn.shared.privacy import AccountantState, compute_epsilon, epsilon_of, make_private
     from torch.utils.data import DataLoader
-
-    from shared.privacy import AccountantState, compute_epsilon, epsilon_of, make_private
 
     x, y = _batch(rows=200)
     model = _model()
@@ -169,7 +167,7 @@ def test_poisson_sampling_includes_each_row_independently_with_rate_q(rate: floa
 
 
 def test_uniform_subset_is_uniform() -> None:
-    from shared.dp_sgd import uniform_subset
+    from fedchurn.shared.dp_sgd import uniform_subset
 
     generator = torch.Generator().manual_seed(1)
     counts = torch.zeros(10)

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from fedchurn.shared.config import ConfigError, default_config
 
-from shared.commands import run_cmd
-from shared.config import ConfigError, default_config
-from shared.members import MEMBERS_FILE, RegistryError, node_of_key, read_members, record_member
+from fedchurn.cli import run_cmd
+from fedchurn.deployment.members import MEMBERS_FILE, RegistryError, node_of_key, read_members, record_member
 
 
 def _key(folder: Path, name: str) -> Path:
@@ -73,7 +73,7 @@ def test_run_sends_the_registry_with_the_run(tmp_path: Path) -> None:
 
 
 def test_members_config_is_validated() -> None:
-    from shared.config import apply_overrides
+    from fedchurn.shared.config import apply_overrides
 
     with pytest.raises(ConfigError, match="node ids"):
         apply_overrides(default_config(), {"federation.members": {"bank": "bank-01"}})
@@ -107,7 +107,7 @@ def test_a_registered_node_claiming_another_banks_name_is_refused(tmp_path: Path
         assert list(summary["institutions"]) == ["bank-01"]
         reasons = [d["reason"] for d in summary["dropped_replies"]]
         assert reasons and all("registered as 'bank-02'" in r for r in reasons), reasons
-        from shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
+        from fedchurn.shared.ledger import CONSORTIUM_LEDGER_FILE, JsonlChain
 
         chain = JsonlChain(tmp_path / "out" / CONSORTIUM_LEDGER_FILE, fresh=False)
         records = [json.loads(entry.record_json) for entry in chain.entries()]

@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from shared.errors import ConfigError
+from fedchurn.shared.errors import ConfigError
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
-    from shared.config import load_config
+    from fedchurn.shared.config import load_config
 
     lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
     for level, name in enumerate("bcdefghi"):
@@ -27,7 +26,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
 
 
 def test_a_single_alias_is_refused_too(tmp_path: Path) -> None:
-    from shared.config import load_config
+    from fedchurn.shared.config import load_config
 
     path = tmp_path / "alias.yaml"
     path.write_text("seed: &s 3\nrounds: *s\n")
@@ -36,10 +35,11 @@ def test_a_single_alias_is_refused_too(tmp_path: Path) -> None:
 
 
 def test_a_failed_connect_keeps_the_working_connection(tmp_path: Path) -> None:
-    from shared.commands import federation_cmd
-    from shared.errors import FedChurnError
-    from shared.federation import FLWR_CONFIG_FILE, free_port, write_connection
-    from shared.pki import create_ca
+    from fedchurn.shared.errors import FedChurnError
+
+    from fedchurn.cli import federation_cmd
+    from fedchurn.deployment.federation import FLWR_CONFIG_FILE, free_port, write_connection
+    from fedchurn.deployment.pki import create_ca
 
     home = tmp_path / "flwr"
     create_ca(tmp_path / "good")
@@ -72,7 +72,7 @@ def test_the_app_bundle_holds_only_the_apps_code(tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     project = tmp_path / "project"
-    for part in ("server", "clients", "shared"):
+    for part in ("fedchurn", "server", "clients", "shared"):
         shutil.copytree(root / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(root / "pyproject.toml", project / "pyproject.toml")
     # What an operator's project folder collects: run outputs, saved configs, a key.
@@ -84,4 +84,7 @@ def test_the_app_bundle_holds_only_the_apps_code(tmp_path: Path) -> None:
     names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(project))).namelist()
     code = [n for n in names if n.split("/")[0] in ("server", "clients", "shared")]
     assert code and all(n.endswith(".py") for n in code)
+    # Of the operator's package, only the import name the apps live under: no CLI, simulation or audit code.
+    assert [n for n in names if n.startswith("fedchurn/")] == ["fedchurn/__init__.py"]
+    code.append("fedchurn/__init__.py")
     assert sorted(set(names) - set(code)) == [".info/CONTENT", "pyproject.toml"]

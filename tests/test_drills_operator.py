@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.federation import free_port
+from fedchurn.deployment.federation import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "deploy" / "README.md"

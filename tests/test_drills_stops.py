@@ -30,7 +30,7 @@ SMALL = [
 
 
 def test_simulate_refuses_min_replies_above_the_institutions(tmp_path: Path, capsys) -> None:
-    from shared.cli import main
+    from fedchurn.cli.main import main
 
     code = main(["simulate", "--out", str(tmp_path / "out"), *SMALL, "--set", "strategy.min_replies=3"])
     assert code == 2
@@ -55,7 +55,7 @@ def _alive(pid: int) -> bool:
 def _simulate(out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "simulate", "--out", str(out), "--rounds", "4", *SMALL, *extra],
+        [sys.executable, "-m", "fedchurn.cli.main", "simulate", "--out", str(out), "--rounds", "4", *SMALL, *extra],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -98,7 +98,7 @@ def test_ctrl_c_stops_after_a_checkpointed_round_and_prints_the_resume_command(t
     # The printed command continues the run to its end, and every bank's ledger passes the audit.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     resumed = subprocess.run(
-        [sys.executable, "-m", "shared.cli", *command.split()[1:]],
+        [sys.executable, "-m", "fedchurn.cli.main", *command.split()[1:]],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -109,7 +109,7 @@ def test_ctrl_c_stops_after_a_checkpointed_round_and_prints_the_resume_command(t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 4
     audit = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "audit", str(out)],
+        [sys.executable, "-m", "fedchurn.cli.main", "audit", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -160,12 +160,20 @@ def test_a_second_ctrl_c_exits_at_once_and_the_abandoned_round_is_in_the_ledgers
     ledger = [json.loads(line)["record"] for line in (out / "consortium_ledger.jsonl").read_text().splitlines()]
     interrupted = any(record.get("round", 0) > completed for record in ledger)  # usually: round 2 trained, not done
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "shared.cli", "simulate", f"{out}/config.yaml", "--set", "federation.resume=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "fedchurn.cli.main",
+        "simulate",
+        f"{out}/config.yaml",
+        "--set",
+        "federation.resume=true",
+    ]
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert bool(list(out.glob("consortium_ledger.abandoned-*.jsonl"))) == interrupted  # the first attempt, aside
     audit = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "audit", str(out)],
+        [sys.executable, "-m", "fedchurn.cli.main", "audit", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -176,7 +184,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_abandoned_round_is_in_the_ledgers
 
 
 def test_stop_ends_the_started_process_and_its_children_and_nothing_else(tmp_path: Path, capsys) -> None:
-    from shared.cli import main
+    from fedchurn.cli.main import main
 
     script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
     ours = subprocess.Popen([sys.executable, "-c", script, "fedchurn-drill"], start_new_session=True)

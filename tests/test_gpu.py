@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from shared.config import SyntheticConfig, apply_overrides, default_config
+from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,11 +27,10 @@ def _config(tmp_path: Path, **overrides: object):
 
 
 def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Path) -> None:
+    from fedchurn.clients.institution import _device, resolve_institution, train_round
+    from fedchurn.server.app import initial_encoder
+    from fedchurn.shared.data import resolve_schema
     from flwr.app import RecordDict
-
-    from clients.institution import _device, resolve_institution, train_round
-    from server.app import initial_encoder
-    from shared.data import resolve_schema
 
     results = {}
     for gpus in (0.25, 0.0):
@@ -52,7 +50,7 @@ def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Pat
 
 
 def test_four_institutions_share_one_gpu_on_ray(tmp_path: Path) -> None:
-    from shared.simulation import plan_simulation, run_simulation
+    from fedchurn.simulation.driver import plan_simulation, run_simulation
 
     summary = run_simulation(plan_simulation(_config(tmp_path)))
     assert len(summary["institutions"]) == 4

@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
-from clients.app import make_client_app
-from clients.training import steps_per_round
-from server.app import initial_encoder
-from server.privacy_oversight import PrivacyOversight
-from shared.bank_random import bank_secret_key
-from shared.config import (
+from fedchurn.clients.app import make_client_app
+from fedchurn.clients.training import steps_per_round
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.privacy_oversight import PrivacyOversight
+from fedchurn.shared.bank_random import bank_secret_key
+from fedchurn.shared.config import (
     FedChurnConfig,
     SchemaConfig,
     SyntheticConfig,
@@ -31,16 +29,17 @@ from shared.config import (
     config_to_run_config,
     default_config,
 )
-from shared.data import (
+from fedchurn.shared.data import (
     SYNTHETIC_SCHEMA,
     generate_synthetic_institution,
     prepare_institution,
     write_csv,
 )
-from shared.decline import is_decline, read_decline
-from shared.ledger import InstitutionLedger
-from shared.privacy import compute_epsilon, sample_rate_for
-from shared.wire import TRAIN_METRICS, from_array_record, to_array_record
+from fedchurn.shared.decline import is_decline, read_decline
+from fedchurn.shared.ledger import InstitutionLedger
+from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, to_array_record
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 BANK = "bank-a"
 ROWS = 400

@@ -13,16 +13,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-
-from clients.app import make_client_app
-from server.app import initial_encoder
-from server.privacy_oversight import PrivacyOversight
-from server.strategy import Reply
-from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from shared.data import resolve_schema
-from shared.ledger import InstitutionLedger, SignedHash
-from shared.ledger_signing import (
+from fedchurn.clients.app import make_client_app
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.privacy_oversight import PrivacyOversight
+from fedchurn.server.strategy import Reply
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
+from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.ledger import InstitutionLedger, SignedHash
+from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,
     COUNTERSIGNATURE_FIELD,
     load_or_create_signer,
@@ -31,7 +29,8 @@ from shared.ledger_signing import (
     parse_wire,
     verify,
 )
-from shared.wire import from_array_record, to_array_record
+from fedchurn.shared.wire import from_array_record, to_array_record
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 HASH = "ab" * 32
 
@@ -180,7 +179,7 @@ def test_bank_signs_each_round_and_keeps_only_valid_countersignatures(
 
 
 def _reply(name: str, node: int, ledger: dict | None) -> Reply:
-    from shared.wire import identity_record
+    from fedchurn.shared.wire import identity_record
 
     content = RecordDict({"identity": identity_record(name), "metrics": MetricRecord({"num-examples": 10.0})})
     if ledger is not None:

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from shared.config import ModelConfig
-from shared.errors import CheckpointError
-from shared.model import (
+from fedchurn.shared.config import ModelConfig
+from fedchurn.shared.errors import CheckpointError
+from fedchurn.shared.model import (
     ChurnModel,
     build_model,
     content_hash,

@@ -11,11 +11,11 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from fedchurn.shared.config import apply_overrides, default_config
+from fedchurn.shared.errors import ConfigError
 
-from shared.cli import main
-from shared.config import apply_overrides, default_config
-from shared.errors import ConfigError
-from shared.federation import (
+from fedchurn.cli.main import main
+from fedchurn.deployment.federation import (
     FederationError,
     SuperLinkSpec,
     SuperNodeSpec,
@@ -27,7 +27,7 @@ from shared.federation import (
     supernode_command,
     write_connection,
 )
-from shared.pki import PkiError, certificate_hosts, create_ca, create_node_key, create_server_cert
+from fedchurn.deployment.pki import PkiError, certificate_hosts, create_ca, create_node_key, create_server_cert
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -192,13 +192,13 @@ def test_connection_file_round_trip_and_cli_errors(pki: Path, tmp_path: Path, ca
 
 def test_supernode_policy_and_ledger_key_reach_the_banks_node_config(pki: Path, tmp_path: Path) -> None:
     """--policy / --ledger-key -> node config keys 'policy' / 'ledger-key', read back as Flower's SuperNode does."""
+    from fedchurn.clients.budget import bank_signer
+    from fedchurn.clients.institution import resolve_institution
+    from fedchurn.shared.ledger_signing import SigningError
     from flwr.common.config import parse_config_args
 
-    from clients.budget import bank_signer
-    from clients.institution import resolve_institution
-    from shared.cli import _build_parser
-    from shared.commands.supernode_cmd import command_for
-    from shared.ledger_signing import SigningError
+    from fedchurn.cli.main import _build_parser
+    from fedchurn.cli.supernode_cmd import command_for
 
     data = tmp_path / "customers.csv"
     data.write_text("a\n1\n")
@@ -274,8 +274,9 @@ def test_the_deploy_guides_bank_policy_example_loads_and_its_command_parses(tmp_
     import re
     import shlex
 
-    from shared.cli import _build_parser
-    from shared.policy import load_policy
+    from fedchurn.shared.policy import load_policy
+
+    from fedchurn.cli.main import _build_parser
 
     guide = (DEPLOY / "README.md").read_text()
     example = next(block for block in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "require_dp" in block)

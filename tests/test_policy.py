@@ -6,17 +6,28 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from shared.config import ConfigError, apply_overrides, config_from_run_config, config_to_run_config, default_config
-from shared.policy import (
+from fedchurn.shared.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_run_config,
+    config_to_run_config,
+    default_config,
+)
+from fedchurn.shared.policy import (
     CONSERVATIVE_POLICY,
     BankPolicy,
     check_instruction,
     load_policy,
     policy_for_simulated_bank,
 )
-from shared.privacy import AccountantState, compute_epsilon, epsilon_of, noise_multiplier_after, noise_multiplier_for
-from shared.row_identity import file_fingerprint
+from fedchurn.shared.privacy import (
+    AccountantState,
+    compute_epsilon,
+    epsilon_of,
+    noise_multiplier_after,
+    noise_multiplier_for,
+)
+from fedchurn.shared.row_identity import file_fingerprint
 
 
 def test_a_policy_file_fills_missing_keys_conservatively_and_refuses_unknown_ones(tmp_path: Path) -> None:

@@ -11,24 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from clients.evaluation import predict_probabilities
-from shared.baselines import fresh_model
-from shared.config import FedChurnConfig, SchemaConfig, SyntheticConfig, default_config, dump_config
-from shared.data import (
+from fedchurn.clients.evaluation import predict_probabilities
+from fedchurn.shared.config import FedChurnConfig, SchemaConfig, SyntheticConfig, default_config, dump_config
+from fedchurn.shared.data import (
     SYNTHETIC_SCHEMA,
     Preprocessor,
     generate_synthetic_institution,
     prepare_institution,
     write_csv,
 )
-from shared.errors import CheckpointError, ConfigError, DataError
-from shared.metrics import risk_deciles
-from shared.model import encoder_arrays, head_state, save_encoder_checkpoint
-from shared.pretrain import swap_noise
-from shared.provenance import check_schema_metadata, load_checked_encoder, schema_fingerprint, schema_metadata
-from shared.scoring import score_customers
-from shared.source_data import load_source, synthetic_source_table
+from fedchurn.shared.errors import CheckpointError, ConfigError, DataError
+from fedchurn.shared.metrics import risk_deciles
+from fedchurn.shared.model import encoder_arrays, head_state, save_encoder_checkpoint
+from fedchurn.shared.provenance import check_schema_metadata, load_checked_encoder, schema_fingerprint, schema_metadata
+
+from fedchurn.comparison.baselines import fresh_model
+from fedchurn.pretraining.source_data import load_source, synthetic_source_table
+from fedchurn.pretraining.trainer import swap_noise
+from fedchurn.scoring import score_customers
 
 
 def _config(tmp_path: Path, **pretrain) -> FedChurnConfig:
@@ -84,7 +84,7 @@ def test_schema_fingerprint_mismatch_names_the_features() -> None:
 
 
 def test_server_refuses_an_encoder_pretrained_on_other_features(tmp_path: Path) -> None:
-    from server.app import initial_encoder
+    from fedchurn.server.app import initial_encoder
 
     other = SchemaConfig(label="churned", numeric=("age", "balance"), categorical={"gender": ("F", "M")})
     config = _config(tmp_path)
@@ -115,7 +115,7 @@ def test_swap_noise_corrupts_about_the_asked_share_with_values_of_the_same_colum
 
 @pytest.mark.slow  # a local Ray and a Ray Train run: about 30 s on 2 cores
 def test_pretrain_on_ray_train_writes_a_checked_encoder_with_provenance(tmp_path: Path) -> None:
-    from shared.pretrain import pretrain_encoder
+    from fedchurn.pretraining.trainer import pretrain_encoder
 
     config = _config(tmp_path, epochs=2, objective="self_supervised")
     result = pretrain_encoder(config, out_dir=tmp_path / "enc")

@@ -1,4 +1,4 @@
-"""shared.privacy: known ε values, composition across rounds, and Opacus' DP-SGD mechanics."""
+"""fedchurn.shared.privacy: known ε values, composition across rounds, and Opacus' DP-SGD mechanics."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from shared.config import PrivacyConfig
-from shared.errors import PrivacyError
-from shared.privacy import (
+from fedchurn.shared.config import PrivacyConfig
+from fedchurn.shared.errors import PrivacyError
+from fedchurn.shared.privacy import (
     ACCOUNTANTS,
     AccountantState,
     MechanismStep,
@@ -30,6 +27,8 @@ from shared.privacy import (
     sample_rate_for,
     unwrap,
 )
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 # Opacus' per-sample hooks fire on module outputs when the inputs do not require gradients: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -138,7 +137,7 @@ def test_compute_epsilon_refuses_bad_input(kwargs: dict[str, Any], message: str)
 def test_prv_falls_back_to_rdp_when_its_grid_would_not_fit(caplog: pytest.LogCaptureFixture) -> None:
     # σ = 0.3 at q = 0.5 for 10,000 steps: PRV would allocate ~2e9 grid points and get the process killed
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="shared.privacy"):
+    with caplog.at_level(logging.WARNING, logger="fedchurn.shared.privacy"):
         prv = compute_epsilon(noise_multiplier=0.3, sample_rate=0.5, steps=10_000, delta=1e-5, accountant="prv")
     assert time.perf_counter() - start < 5
     assert prv == compute_epsilon(noise_multiplier=0.3, sample_rate=0.5, steps=10_000, delta=1e-5, accountant="rdp")

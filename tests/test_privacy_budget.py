@@ -16,24 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.clients.app import make_client_app
+from fedchurn.clients.training import steps_per_round
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.institution_dp import InstitutionLevelDP, gaussian_composition_epsilon
+from fedchurn.server.privacy_oversight import DeclineScreen, PrivacyOversight
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.strategy import make_strategy
+from fedchurn.shared.config import BudgetConfig, FedChurnConfig, InstitutionDPConfig, SyntheticConfig, default_config
+from fedchurn.shared.data import prepare_institution, resolve_schema
+from fedchurn.shared.decline import DECLINE_METRICS
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.ledger import GENESIS, InstitutionLedger, canonical_json
+from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients.app import make_client_app
-from clients.training import steps_per_round
-from server.app import initial_encoder
-from server.institution_dp import InstitutionLevelDP, gaussian_composition_epsilon
-from server.privacy_oversight import DeclineScreen, PrivacyOversight
-from server.report import RunRecorder
-from server.strategy import make_strategy
-from shared.cli import main
-from shared.config import BudgetConfig, FedChurnConfig, InstitutionDPConfig, SyntheticConfig, default_config
-from shared.data import prepare_institution, resolve_schema
-from shared.decline import DECLINE_METRICS
-from shared.errors import ConfigError
-from shared.independent_accounting import gaussian_epsilon
-from shared.ledger import GENESIS, InstitutionLedger, canonical_json
-from shared.privacy import compute_epsilon, sample_rate_for
-from shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
+from fedchurn.auditing.independent_accounting import gaussian_epsilon
+from fedchurn.cli.main import main
 
 OPACUS_PRV_EPS_ERROR = 0.01  # Opacus' PRVAccountant default: its ε lies in [estimate - 0.01, estimate + 0.01]
 
@@ -162,7 +162,7 @@ ROUNDS = 4
 
 def _bank_key(config: FedChurnConfig, name: str) -> bytes:
     """The virtual bank's secret split key (its state folder), as the bank itself reads it."""
-    from shared.bank_random import bank_secret_key
+    from fedchurn.shared.bank_random import bank_secret_key
 
     return bank_secret_key(Path(config.output_dir) / "institutions" / name)[0]
 
@@ -184,7 +184,7 @@ def _epsilon_after(config: FedChurnConfig, name: str, rounds: int) -> float:
 
 
 def _context(config: FedChurnConfig, partition: int) -> Context:
-    from shared.config import config_to_run_config
+    from fedchurn.shared.config import config_to_run_config
 
     return Context(
         run_id=31,
@@ -422,7 +422,7 @@ def test_institution_level_dp_refuses_a_server_optimizer(tmp_path: Path) -> None
 @pytest.mark.slow  # ~10 s alone, several times that on a loaded 2-core machine: run with -m slow
 @pytest.mark.filterwarnings("ignore")
 def test_ray_simulation_stops_institutions_at_their_budget_and_audits_clean(tmp_path: Path) -> None:
-    from shared.simulation import plan_simulation, run_simulation
+    from fedchurn.simulation.driver import plan_simulation, run_simulation
 
     base = default_config()
     config = dataclasses.replace(

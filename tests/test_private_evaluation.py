@@ -14,19 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from sklearn.metrics import average_precision_score, roc_auc_score
-
-from clients.app import make_client_app
-from clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FILE
-from clients.training import steps_per_round
-from server.app import initial_encoder
-from server.privacy_oversight import PrivacyOversight
-from server.report import RunRecorder
-from server.strategy import make_strategy
-from shared.bank_random import bank_secret_key
-from shared.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
-from shared.config import (
+from fedchurn.clients.app import make_client_app
+from fedchurn.clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FILE
+from fedchurn.clients.training import steps_per_round
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.privacy_oversight import PrivacyOversight
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.strategy import make_strategy
+from fedchurn.shared.bank_random import bank_secret_key
+from fedchurn.shared.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
+from fedchurn.shared.config import (
     BudgetConfig,
     EvaluationConfig,
     FedChurnConfig,
@@ -35,13 +32,13 @@ from shared.config import (
     default_config,
     dump_config,
 )
-from shared.data import generate_synthetic_institution, prepare_institution, resolve_schema, write_csv
-from shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
-from shared.errors import DataError
-from shared.ledger import InstitutionLedger
-from shared.metrics import risk_deciles
-from shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
-from shared.private_metrics import (
+from fedchurn.shared.data import generate_synthetic_institution, prepare_institution, resolve_schema, write_csv
+from fedchurn.shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
+from fedchurn.shared.errors import DataError
+from fedchurn.shared.ledger import InstitutionLedger
+from fedchurn.shared.metrics import risk_deciles
+from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
+from fedchurn.shared.private_metrics import (
     BinSpec,
     histogram_auc,
     histogram_metrics,
@@ -50,8 +47,11 @@ from shared.private_metrics import (
     score_histogram,
     secure_rng,
 )
-from shared.scoring import score_customers
-from shared.wire import EVALUATE_METRICS, to_array_record
+from fedchurn.shared.wire import EVALUATE_METRICS, to_array_record
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from fedchurn.scoring import score_customers
 
 # --------------------------------------------------------------------------------------------------
 # The mechanism
@@ -293,7 +293,7 @@ def test_a_server_asking_every_round_gets_at_most_one_release_per_trained_round(
     releases = [s for s in privacy["accountant_state"]["history"] if s["sample_rate"] == 1.0]
     assert sum(s["steps"] for s in releases) == 2, "every release is in the accountant's history"
     # The audit recomposes ε over training and evaluation records alike and finds the ledger complete.
-    from shared.audit import _audit_institution
+    from fedchurn.auditing.run_audit import _audit_institution
 
     audit = _audit_institution(
         Path(config.output_dir) / "institutions" / "bank-01",
@@ -421,7 +421,7 @@ def test_predict_gives_a_customer_the_same_decile_in_any_file(tmp_path: Path) ->
 
 
 def test_evaluation_config_names_key_value_and_rule() -> None:
-    from shared.errors import ConfigError
+    from fedchurn.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"evaluation\.noise_multiplier"):
         EvaluationConfig(noise_multiplier=0.0)
@@ -430,8 +430,8 @@ def test_evaluation_config_names_key_value_and_rule() -> None:
 
 
 def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -> None:
-    from clients.private_evaluation import _calibrator
-    from shared.private_metrics import EvaluationSettings
+    from fedchurn.clients.private_evaluation import _calibrator
+    from fedchurn.shared.private_metrics import EvaluationSettings
 
     settings = EvaluationSettings(
         mode="dp", noise_multiplier=4.0, spec=BinSpec(bins=10, logit_range=6.0), every_rounds=0
@@ -445,7 +445,7 @@ def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -
 
 
 def test_planned_releases_count_what_the_release_rule_allows() -> None:
-    from shared.private_metrics import EvaluationSettings
+    from fedchurn.shared.private_metrics import EvaluationSettings
 
     spec = BinSpec(bins=10, logit_range=6.0)
 
@@ -462,9 +462,9 @@ def test_planned_releases_count_what_the_release_rule_allows() -> None:
 
 def test_the_server_cannot_lower_evaluation_noise_or_turn_it_on_past_the_banks_policy() -> None:
     """The run's evaluation section is the server's ask; the bank's policy bounds it."""
-    from shared.config import apply_overrides, default_config
-    from shared.policy import CONSERVATIVE_POLICY
-    from shared.private_metrics import evaluation_settings
+    from fedchurn.shared.config import apply_overrides, default_config
+    from fedchurn.shared.policy import CONSERVATIVE_POLICY
+    from fedchurn.shared.private_metrics import evaluation_settings
 
     hostile = apply_overrides(default_config(), {"evaluation.noise_multiplier": 0.5, "evaluation.mode": "dp"})
     assert evaluation_settings(hostile, policy=CONSERVATIVE_POLICY).noise_multiplier == 5.0

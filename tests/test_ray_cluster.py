@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from shared.config import FedChurnConfig, SyntheticConfig, default_config
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, default_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -118,7 +117,7 @@ def _config(tmp_path: Path) -> FedChurnConfig:
 
 
 def test_pretraining_runs_on_both_nodes(cluster: str, tmp_path: Path) -> None:
-    from shared.pretrain import pretrain_encoder
+    from fedchurn.pretraining.trainer import pretrain_encoder
 
     result = pretrain_encoder(_config(tmp_path), out_dir=tmp_path / "enc", ray_address=cluster)
     workers = result.metadata["workers"]
@@ -129,7 +128,7 @@ def test_pretraining_runs_on_both_nodes(cluster: str, tmp_path: Path) -> None:
 def test_simulation_attached_to_the_cluster_uses_both_nodes(cluster: str, tmp_path: Path) -> None:
     import ray
 
-    from shared.simulation import plan_simulation, run_simulation
+    from fedchurn.simulation.driver import plan_simulation, run_simulation
 
     summary = run_simulation(plan_simulation(_config(tmp_path)), ray_address=cluster)
     assert sorted(summary["institutions"]) == ["bank-01", "bank-02"]

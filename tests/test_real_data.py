@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from fedchurn.shared.config import FedChurnConfig, apply_overrides, load_config
 
-from shared.config import FedChurnConfig, apply_overrides, load_config
-from shared.simulation import plan_simulation, run_simulation
+from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
 TABLES = {"bankchurners.yaml": "BankChurners.csv", "telco.yaml": "Telco-Customer-Churn.csv"}
@@ -48,12 +48,11 @@ def test_federation_on_real_data(real_data_dir: Path, tmp_path: Path, name: str)
 
 def _kept_model_auc(out: Path, config: FedChurnConfig, institution: str) -> float:
     import torch
-
-    from clients.evaluation import predict_logits
-    from shared.bank_random import bank_secret_key
-    from shared.data import prepare_institution
-    from shared.metrics import roc_auc
-    from shared.model import build_model
+    from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.shared.bank_random import bank_secret_key
+    from fedchurn.shared.data import prepare_institution
+    from fedchurn.shared.metrics import roc_auc
+    from fedchurn.shared.model import build_model
 
     home = out / "institutions" / institution
     key, created = bank_secret_key(home)

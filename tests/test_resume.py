@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.server.resume import STATE_FILE, config_fingerprint, load_resume_point
+from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.privacy import AccountantState, epsilon_of
 
-from server.resume import STATE_FILE, config_fingerprint, load_resume_point
-from shared.config import SyntheticConfig, apply_overrides, default_config
-from shared.errors import ConfigError
-from shared.privacy import AccountantState, epsilon_of
-from shared.simulation import plan_simulation, run_simulation
+from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -111,7 +111,7 @@ def _resume_config(folder: Path):
 
 @pytest.mark.parametrize("damage", ["nan", "garbage"])
 def test_a_bad_encoder_checkpoint_is_refused_naming_the_file(runs, tmp_path: Path, damage: str) -> None:
-    from server.resume import ResumeError
+    from fedchurn.server.resume import ResumeError
 
     folder = _copy(runs[1], tmp_path)
     path = folder / "checkpoints" / "encoder-round-0002.npz"
@@ -127,7 +127,7 @@ def test_a_bad_encoder_checkpoint_is_refused_naming_the_file(runs, tmp_path: Pat
 
 
 def test_a_wrong_shape_encoder_is_refused_before_anything_is_written(runs, tmp_path: Path) -> None:
-    from server.resume import ResumableRun, ResumeError
+    from fedchurn.server.resume import ResumableRun, ResumeError
 
     folder = _copy(runs[1], tmp_path)
     rounds_before = (folder / "rounds.jsonl").read_text()
@@ -152,7 +152,7 @@ def test_a_wrong_shape_encoder_is_refused_before_anything_is_written(runs, tmp_p
 def test_every_bad_resume_input_is_refused_naming_the_file(
     runs, tmp_path: Path, relative: str, content: str, match: str
 ) -> None:
-    from server.resume import ResumeError
+    from fedchurn.server.resume import ResumeError
 
     folder = _copy(runs[1], tmp_path)
     (folder / relative).write_text(content)
@@ -161,15 +161,15 @@ def test_every_bad_resume_input_is_refused_naming_the_file(
 
 
 def test_a_new_run_refuses_a_folder_holding_an_earlier_run(runs) -> None:
-    from server.resume import check_new_run_folder
+    from fedchurn.server.resume import check_new_run_folder
 
     with pytest.raises(ConfigError, match="already holds an earlier run"):
         check_new_run_folder(runs[1])
 
 
 def test_the_interrupted_round_is_in_the_consortium_ledger_once(tmp_path: Path) -> None:
-    from server.privacy_oversight import set_aside_abandoned_rounds
-    from shared.ledger import JsonlChain
+    from fedchurn.server.privacy_oversight import set_aside_abandoned_rounds
+    from fedchurn.shared.ledger import JsonlChain
 
     path = tmp_path / "consortium_ledger.jsonl"
     chain = JsonlChain(path, fresh=True)

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from shared.config import (
+from fedchurn.shared.config import (
     DataConfig,
     FedChurnConfig,
     ModelConfig,
@@ -27,7 +25,7 @@ from shared.config import (
     config_to_dict,
     config_to_run_config,
 )
-from shared.data import (
+from fedchurn.shared.data import (
     SYNTHETIC_SCHEMA,
     Preprocessor,
     RawTable,
@@ -36,7 +34,8 @@ from shared.data import (
     split_institution,
     write_csv,
 )
-from shared.model import build_model
+from fedchurn.shared.model import build_model
+from torch import nn
 
 C = 1.0  # clipping norm
 

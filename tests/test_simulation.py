@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from fedchurn.shared.config import SyntheticConfig, default_config
+from fedchurn.shared.model import content_hash, load_encoder_checkpoint
 
-from shared.config import SyntheticConfig, default_config
-from shared.model import content_hash, load_encoder_checkpoint
-from shared.simulation import plan_simulation, run_simulation
+from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -65,12 +65,11 @@ def test_summary_has_every_institution_with_metrics_and_cumulative_epsilon(two_r
 def _exact_test_auc(out: Path, name: str) -> float:
     """AUC of the institution's kept model on its exact test rows (the bank's own view; never sent)."""
     import torch
-
-    from clients.evaluation import predict_logits
-    from shared.config import load_config
-    from shared.data import prepare_institution
-    from shared.metrics import roc_auc
-    from shared.model import build_model
+    from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.shared.config import load_config
+    from fedchurn.shared.data import prepare_institution
+    from fedchurn.shared.metrics import roc_auc
+    from fedchurn.shared.model import build_model
 
     config = load_config(out / "config.yaml")
     data = prepare_institution(config, name)  # reproducible_noise: the bank split with the seed-derived key too
@@ -97,7 +96,7 @@ def test_per_round_records_and_artifacts(two_runs) -> None:
 
 
 def _features() -> tuple[str, ...]:
-    from shared.data import SYNTHETIC_SCHEMA
+    from fedchurn.shared.data import SYNTHETIC_SCHEMA
 
     return SYNTHETIC_SCHEMA.feature_names
 

@@ -7,11 +7,10 @@ from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
+from fedchurn.server.strategy import DroppedReply, Reply, check_encoder_update, make_strategy
+from fedchurn.shared.config import StrategyConfig
+from fedchurn.shared.wire import TRAIN_METRICS, identity_record, to_array_record
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-
-from server.strategy import DroppedReply, Reply, check_encoder_update, make_strategy
-from shared.config import StrategyConfig
-from shared.wire import TRAIN_METRICS, identity_record, to_array_record
 
 KEYS = ("encoder.layers.0.weight", "encoder.layers.0.bias")
 
@@ -227,7 +226,7 @@ def test_trimmed_mean_aggregation() -> None:
 
 
 def test_robust_aggregation_needs_fedavg() -> None:
-    from shared.errors import ConfigError
+    from fedchurn.shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="strategy.aggregation"):
         StrategyConfig(name="fedadam", aggregation="median")
@@ -253,7 +252,7 @@ def test_malformed_metrics_are_dropped_never_raise(metrics: dict, expected: str)
 
 
 def test_evaluate_with_a_list_valued_metric_does_not_raise() -> None:
-    from shared.wire import EVALUATE_METRICS
+    from fedchurn.shared.wire import EVALUATE_METRICS
 
     recorder = Recorder()
     strategy = _strategy(recorder)
@@ -275,7 +274,7 @@ def test_evaluate_with_a_list_valued_metric_does_not_raise() -> None:
 
 
 def test_evaluate_accepts_an_undefined_noisy_figure_but_no_other_nan() -> None:
-    from shared.wire import EVALUATE_METRICS
+    from fedchurn.shared.wire import EVALUATE_METRICS
 
     recorder = Recorder()
     strategy = _strategy(recorder)
@@ -332,7 +331,7 @@ def test_registered_node_cannot_speak_for_another_institution() -> None:
 def test_too_few_nodes_online_is_a_clear_error_after_the_round_timeout() -> None:
     import time
 
-    from server.strategy import TooFewNodesError
+    from fedchurn.server.strategy import TooFewNodesError
 
     strategy = make_strategy(StrategyConfig(min_replies=3, round_timeout_s=0.3), observer=Recorder(), min_available=1)
     started = time.monotonic()
@@ -342,7 +341,7 @@ def test_too_few_nodes_online_is_a_clear_error_after_the_round_timeout() -> None
 
 
 def test_rounds_without_any_answer_stop_the_run() -> None:
-    from server.resume import NoRepliesError, ResumableRounds
+    from fedchurn.server.resume import NoRepliesError, ResumableRounds
 
     inner = _strategy(Recorder())
     rounds = ResumableRounds(inner, round_offset=0, round_timeout_s=1.0, observer=Recorder())

@@ -9,21 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedchurn.clients.app import make_client_app
+from fedchurn.clients.training import train_locally
+from fedchurn.clients.transfer import train_round_phases
+from fedchurn.server.strategy import make_strategy
+from fedchurn.shared import model as model_module
+from fedchurn.shared import transfer
+from fedchurn.shared.config import FedChurnConfig, StrategyConfig, SyntheticConfig, config_to_run_config, default_config
+from fedchurn.shared.data import prepare_institution, resolve_schema
+from fedchurn.shared.errors import CheckpointError, ConfigError
+from fedchurn.shared.privacy import AccountantState, compute_epsilon, sample_rate_for
+from fedchurn.shared.sharing import initial_shared_arrays, load_shared_arrays, outgoing_arrays, split_shared
+from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients.app import make_client_app
-from clients.training import train_locally
-from clients.transfer import train_round_phases
-from server.strategy import make_strategy
-from shared import model as model_module
-from shared import transfer
-from shared.baselines import fresh_model
-from shared.config import FedChurnConfig, StrategyConfig, SyntheticConfig, config_to_run_config, default_config
-from shared.data import prepare_institution, resolve_schema
-from shared.errors import CheckpointError, ConfigError
-from shared.privacy import AccountantState, compute_epsilon, sample_rate_for
-from shared.sharing import initial_shared_arrays, load_shared_arrays, outgoing_arrays, split_shared
-from shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
+from fedchurn.comparison.baselines import fresh_model
 
 
 @pytest.fixture(autouse=True)

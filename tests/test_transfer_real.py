@@ -12,9 +12,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config, load_config
 
-from shared.comparison import run_comparison
-from shared.config import SyntheticConfig, apply_overrides, default_config, load_config
+from fedchurn.comparison.runner import run_comparison
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pretrained_transfer_beats_local_for_small_banks(tmp_path: Path) -> None:
-    from shared.pretrain import pretrain_encoder
+    from fedchurn.pretraining.trainer import pretrain_encoder
 
     base = default_config()
     config = dataclasses.replace(

@@ -6,17 +6,16 @@ import dataclasses
 import time
 from pathlib import Path
 
+import fedchurn.clients.institution as institution_module
 import pytest
+from fedchurn.clients.app import make_client_app
+from fedchurn.server.app import initial_encoder
+from fedchurn.server.warmup import WARM_UP_GROUP, warm_up_nodes
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
+from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.errors import DataError
+from fedchurn.shared.wire import to_array_record
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-
-import clients.institution as institution_module
-from clients.app import make_client_app
-from server.app import initial_encoder
-from server.warmup import WARM_UP_GROUP, warm_up_nodes
-from shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from shared.data import resolve_schema
-from shared.errors import DataError
-from shared.wire import to_array_record
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +91,7 @@ def test_a_failing_warm_up_releases_nothing(tmp_path: Path, monkeypatch: pytest.
     def leaking(institution):  # type: ignore[no-untyped-def]
         raise DataError("customer 4711 has balance 98,765.43 in /secret/customers.csv line 12")
 
-    monkeypatch.setattr("clients.warmup.load_data", leaking)
+    monkeypatch.setattr("fedchurn.clients.warmup.load_data", leaking)
     reply = _query(_context(config, 0))
     assert not reply.has_error() and len(reply.content) == 0
 

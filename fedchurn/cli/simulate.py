@@ -1,0 +1,249 @@
+"""`fedchurn simulate`, and the run inputs other commands share (a config, or --data quick start)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import fnmatch
+import secrets
+from pathlib import Path
+from typing import Any
+
+from fedchurn.cli.privacy_cmd import budget_lines
+from fedchurn.shared.config import (
+    FedChurnConfig,
+    apply_overrides,
+    default_config,
+    dump_config,
+    load_config,
+    parse_override,
+    resolve_paths,
+)
+from fedchurn.shared.errors import ConfigError
+
+RUN_MARKERS = ("summary.json", "rounds.jsonl")
+
+
+def add_run_inputs(parser: argparse.ArgumentParser) -> None:
+    """The arguments that say what to run: a config (or the default), overrides, or the --data quick start."""
+    parser.add_argument(
+        "config", nargs="?", help="YAML config (default: the embedded demo; see 'fedchurn config show')"
+    )
+    parser.add_argument("--out", help="output folder (default: the config's output_dir)")
+    parser.add_argument("--rounds", type=int, help="number of federated rounds")
+    parser.add_argument("--seed", type=int, help="seed for data splits, initial weights, sampling and noise")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set privacy.noise_multiplier=1.3 (repeatable)",
+    )
+    quick = parser.add_argument_group("quick start from one CSV (column types are inferred)")
+    quick.add_argument("--data", help="CSV (or .parquet) with one row per customer")
+    quick.add_argument("--label", help="the churn column")
+    quick.add_argument("--positive", help="the label value meaning churned (default: 1/yes/true)")
+    quick.add_argument("--institution-column", help="the column naming each row's institution")
+    quick.add_argument(
+        "--drop", default="", help="comma-separated columns to ignore; shell patterns allowed (Naive_Bayes*)"
+    )
+    quick.add_argument(
+        "--allow-leaky",
+        default="",
+        help="comma-separated columns to keep although each nearly determines the label (default: an error)",
+    )
+    quick.add_argument("--save-config", help="write the resulting config as YAML to this file, to edit and reuse")
+    parser.add_argument("--ray-address", help="attach to a running Ray cluster ('auto' or host:port)")
+    parser.add_argument("--overwrite", action="store_true", help="reuse an output folder that holds an earlier run")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
+
+def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedChurnConfig:
+    from fedchurn.shared.data import infer_schema
+
+    missing = [
+        flag
+        for flag, value in (("--label", args.label), ("--institution-column", args.institution_column))
+        if not value
+    ]
+    if missing:
+        raise ConfigError("--data", args.data, f"also needs {' and '.join(missing)}")
+    drop = _expand_columns(args.data, [c.strip() for c in args.drop.split(",") if c.strip()])
+    allow_leaky = tuple(c.strip() for c in args.allow_leaky.split(",") if c.strip())
+    inferred = infer_schema(
+        args.data,
+        label=args.label,
+        positive=args.positive,
+        institution_column=args.institution_column,
+        drop=drop,
+        allow_leaky=allow_leaky,
+    )
+    print(f"Columns of {args.data}:")
+    for line in inferred.report:
+        print(f"  {line}")
+    for line in inferred.warnings:
+        print(f"Warning: {line}")
+    data = dataclasses.replace(
+        base.data,
+        source="csv",
+        csv_path=str(Path(args.data).expanduser().resolve()),
+        institution_column=args.institution_column,
+        institution_files={},
+        schema=inferred.schema,
+    )
+    return dataclasses.replace(base, data=data)
+
+
+def _expand_columns(path: str, patterns: list[str]) -> tuple[str, ...]:
+    """``--drop CLIENTNUM,Naive_Bayes*``: shell-style patterns matched against the CSV's header."""
+    if not any(ch in p for p in patterns for ch in "*?["):
+        return tuple(patterns)
+    from fedchurn.shared.table_io import read_header
+
+    header = list(read_header(path))  # CSV or Parquet; a bad file is reported with its fix
+    names: list[str] = []
+    for pattern in patterns:
+        matched = fnmatch.filter(header, pattern) if any(ch in pattern for ch in "*?[") else [pattern]
+        if not matched:
+            raise ConfigError("--drop", pattern, f"matches no column of {path}")
+        names.extend(m for m in matched if m not in names)
+    return tuple(names)
+
+
+def resolve_run_config(args: argparse.Namespace) -> FedChurnConfig:
+    config = load_config(args.config) if args.config else default_config()
+    if args.data:
+        config = _quick_start_config(args, config)
+    elif any((args.label, args.positive, args.institution_column)):
+        raise ConfigError("--label", args.label, "--label/--positive/--institution-column need --data FILE.csv")
+    overrides: dict[str, Any] = dict(parse_override(item) for item in args.set)
+    for key, value in (("rounds", args.rounds), ("seed", args.seed), ("output_dir", args.out)):
+        if value is not None:
+            overrides[key] = value
+    if overrides:
+        # Paths given on the command line are relative to where the command runs.
+        config = resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
+    if args.save_config:
+        Path(args.save_config).write_text(dump_config(config), encoding="utf-8")
+        print(f"Config written to {args.save_config}")
+    return config
+
+
+def check_output_dir(config: FedChurnConfig, *, overwrite: bool) -> None:
+    out = Path(config.output_dir)
+    earlier = [m for m in RUN_MARKERS if (out / m).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(
+            "output_dir",
+            str(out),
+            "already holds an earlier run",
+            "choose another folder with --out, or pass --overwrite to replace its results",
+        )
+
+
+def _number(value: Any, width: int, digits: int = 3) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def _format_table(summary: dict[str, Any]) -> str:
+    """Last released metrics per bank, and the round, AUC and ECE of the model each bank keeps."""
+    if not summary["institutions"]:
+        return "No evaluation statistics left the institutions (evaluation off, or none allowed by their budgets)."
+    header = (
+        f"{'institution':<22} {'n_train':>7} {'n_test':>6} {'AUC':>6} {'PR-AUC':>6} {'Brier':>6} {'ECE':>6} "
+        f"{'kept@':>5} {'AUC':>6} {'ECE':>6} {'ε':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, m in summary["institutions"].items():
+        epsilon = m["epsilon"]
+        eps_text = "off" if epsilon is None else f"{epsilon:.3f}"
+        kept = m.get("model_round")
+        lines.append(
+            f"{name[:22]:<22} {m['n_train'] or '-':>7} {m['n_test']:>6d} "
+            f"{_number(m['auc'], 6)} {_number(m['pr_auc'], 6)} "
+            f"{_number(m['brier'], 6)} {_number(m.get('ece'), 6)} {'-' if kept is None else kept:>5} "
+            f"{_number(m.get('model_auc'), 6)} {_number(m.get('model_ece'), 6)} {eps_text:>7}"
+        )
+    lines.append(
+        "Metrics come from DP-noised score histograms (n_test is noisy; n_train '-': withheld by the bank's "
+        "policy); ECE: expected calibration error of the "
+        "calibrated probabilities. kept@: the round of the model each bank keeps (best DP validation AUC), used by "
+        "'fedchurn predict'."
+    )
+    return "\n".join(lines)
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "simulate",
+        help="run a simulated federation of institutions on Ray",
+        description="Run a federation of simulated institutions. With no CONFIG, runs the embedded default: "
+        "a synthetic consortium of six banks.",
+    )
+    add_run_inputs(parser)
+    parser.add_argument("--dry-run", action="store_true", help="check config and data, print the plan, do not train")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedchurn.server.resume import RunInterrupted
+    from fedchurn.simulation.driver import discard_plan, plan_simulation, run_simulation
+
+    config = resolve_run_config(args)
+    if config.federation.run_name is None:  # a name makes the run resumable, with every institution's ε
+        name = dt.datetime.now(dt.UTC).strftime("sim-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        config = apply_overrides(config, {"federation.run_name": name})
+    if not config.federation.resume:
+        check_output_dir(config, overwrite=args.overwrite)
+    plan = plan_simulation(config)
+    if config.strategy.min_replies > len(plan.institutions):
+        raise ConfigError(
+            "strategy.min_replies",
+            config.strategy.min_replies,
+            f"exceeds the {len(plan.institutions)} institutions of this simulation: no round could complete",
+            f"set it to at most {len(plan.institutions)}",
+        )
+    privacy = config.privacy
+    dp = (
+        f"DP-SGD (C={privacy.clipping_norm}, "
+        + (
+            f"σ={privacy.noise_multiplier}"
+            if privacy.noise_multiplier is not None
+            else f"target ε={privacy.target_epsilon}"
+        )
+        + f", δ={privacy.delta}, {privacy.accountant})"
+        if privacy.enabled
+        else "no DP"
+    )
+    print(
+        f"Federation: {len(plan.institutions)} institutions, {config.rounds} rounds, {config.strategy.name}, {dp}; "
+        f"output {plan.config.output_dir}"
+    )
+    if args.dry_run:
+        discard_plan(plan)
+        print("Institutions: " + ", ".join(plan.institutions))
+        return 0
+    try:
+        summary = run_simulation(plan, ray_address=args.ray_address, verbose=args.verbose)
+    except RunInterrupted as stopped:
+        out = plan.config.output_dir
+        print(f"\nStopped after round {stopped.completed_round} of {config.rounds}; it is checkpointed in {out}.")
+        print(f"To continue: fedchurn simulate {out}/config.yaml --set federation.resume=true")
+        return 130
+    print()
+    print(_format_table(summary))
+    delta = config.privacy.delta
+    if config.privacy.enabled:
+        print(
+            f"\nε: each bank's lifetime ε on its rows (every round it trained and every evaluation release, in this and"
+            f" earlier runs on the same rows), per customer row, δ = {delta}."
+        )
+    for line in budget_lines(summary):  # institutions stopped by their privacy budget: who, when, at what ε
+        print(line)
+    if summary["dropped_replies"]:
+        print(
+            f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl"
+        )
+    print(f"Run took {summary['seconds']:.1f} s. Results: {plan.config.output_dir}/summary.json")
+    return 0

@@ -1,7 +1,0 @@
-"""The transfer-learning commands, registered together: pretrain, compare, predict."""
-
-from __future__ import annotations
-
-from shared.commands import compare, predict, pretrain
-
-TRANSFER_COMMANDS = (pretrain, compare, predict)
