@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")  # stage lines; the CLI shows them (fedchurn/progress.py)
 
 CONFIG_FILE = "config.yaml"
 ENCODER_FILE = "encoder.pt"
@@ -76,7 +77,11 @@ def run_federation(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
 
-    recorder = RunRecorder(output_dir, rounds=config.rounds)
+    recorder = RunRecorder(
+        output_dir,
+        rounds=config.rounds,
+        announce_sigma=config.privacy.enabled and config.privacy.noise_multiplier is None,
+    )
     if members is None and config.federation.members:
         members = {int(node): name for node, name in config.federation.members.items()}
     if members is None:
@@ -92,7 +97,9 @@ def run_federation(
         members=members,
     )
     if warm_up > 0:
+        _stage(f"starting {warm_up} institution workers (each loads its rows and warms up)")
         warm_up_nodes(grid, expected=warm_up, timeout=config.strategy.round_timeout_s)
+    _stage(f"training round {resumable.completed_before + 1}/{config.rounds}")
     oversight = PrivacyOversight(
         config, output_dir, run_id=run_identity, completed_round=resumable.completed_before
     )  # declines, consortium ledger, institution DP
@@ -105,6 +112,7 @@ def run_federation(
         evaluate_config=ConfigRecord({}),
         evaluate_fn=resumable.round_finished,  # the recorder's end of round, then the server checkpoint
     )
+    _stage("saving the encoder and the summary")
     final = from_array_record(result.arrays) if len(result.arrays) else start_arrays
     final, global_head = split_shared(final)  # the head is shared only in transfer.mode 'fedavg'
     if global_head:
@@ -144,6 +152,10 @@ def run_federation(
     )
     recorder.write_summary(summary)
     return summary
+
+
+def _stage(text: str) -> None:
+    progress.info("%s", text, extra={"progress_stage": text})
 
 
 def make_server_app(

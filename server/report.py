@@ -59,9 +59,11 @@ def _finite_only(value: Any) -> Any:
 class RunRecorder:
     """Observes the strategy; writes ``rounds.jsonl`` as rounds finish and ``summary.json`` at the end."""
 
-    def __init__(self, output_dir: Path, *, rounds: int) -> None:
+    def __init__(self, output_dir: Path, *, rounds: int, announce_sigma: bool = False) -> None:
         self.output_dir = output_dir
         self.rounds = rounds
+        self.announce_sigma = announce_sigma  # log each bank's σ once known (σ planned from a target ε)
+        self._sigma_shown: dict[str, float] = {}
         self.latest: dict[str, dict[str, Any]] = {}  # institution -> its latest evaluation
         self.trained: dict[str, dict[str, float]] = {}  # institution -> its latest training report
         self.dropped: list[dict[str, Any]] = []
@@ -104,6 +106,8 @@ class RunRecorder:
         # Rounds where the banks released no evaluation: ε from what they reported training.
         epsilons = [v["epsilon"] for v in this_round] or [v["epsilon"] for v in self.trained.values()]
         dropped_now = sum(1 for d in self.dropped if d["round"] == server_round)
+        if self.announce_sigma:
+            self._log_new_sigmas()
         progress.info(
             "round %d/%d  %s  ε max %s  %s%.1f s",
             server_round,
@@ -114,8 +118,21 @@ class RunRecorder:
             f"{max(epsilons):.3f}" if epsilons and math.isfinite(max(epsilons)) else "n/a (DP off)",
             f"{dropped_now} replies dropped  " if dropped_now else "",
             seconds,
+            extra={"progress_round": (server_round, self.rounds, seconds)},  # the CLI adds the ETA
         )
         return None
+
+    def _log_new_sigmas(self) -> None:
+        """Each bank's noise multiplier as it reported it, once known (again when a bank re-plans it)."""
+        sigmas = {
+            name: float(metrics["noise-multiplier"])
+            for name, metrics in sorted(self.trained.items())
+            if "noise-multiplier" in metrics
+        }
+        new = {name: sigma for name, sigma in sigmas.items() if self._sigma_shown.get(name) != sigma}
+        if new:
+            progress.info("σ each bank planned for its target ε: %s", ", ".join(f"{n} {s:.3f}" for n, s in new.items()))
+            self._sigma_shown.update(new)
 
     # --- output ----------------------------------------------------------------------------------
 

@@ -100,6 +100,15 @@ def signed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def test_audit_command_shows_progress_per_bank_on_stderr(signed_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", str(signed_run), "--no-reports", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["passed"] is True  # stdout holds the JSON alone
+    for index, name in enumerate(("bank-01", "bank-02"), start=1):
+        assert f"auditing {name} ({index}/2)" in captured.err
+        assert f"{name}: recomposing ε over {ROUNDS + 1} records" in captured.err
+
+
 def _copy(run_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)

@@ -90,6 +90,17 @@ def rdp_epsilon(history: History, *, delta: float) -> float:
     return _composed(history, delta, _rdp)
 
 
+def _grouped(history: tuple[tuple[float, float, int], ...]) -> tuple[tuple[float, float, int], ...]:
+    """Entries with equal σ and q merged, their steps summed (composition is order-free).
+
+    A run's rounds usually repeat one mechanism: each distinct (σ, q) is then built once and self-composed over
+    all its steps, instead of once per round (the PLD of a subsampled Gaussian is the costly part)."""
+    totals: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        totals[(sigma, q)] = totals.get((sigma, q), 0) + steps
+    return tuple((sigma, q, steps) for (sigma, q), steps in totals.items())
+
+
 def _composed(history: History, delta: float, accountant: Callable[[History, float], float]) -> float:
     clean = _check(history, delta)
     if not clean:
@@ -97,7 +108,7 @@ def _composed(history: History, delta: float, accountant: Callable[[History, flo
     if any(sigma == 0.0 for sigma, _, _ in clean):
         return math.inf
     with _quiet():
-        return accountant(clean, float(delta))
+        return accountant(_grouped(clean), float(delta))
 
 
 def gaussian_epsilon(noise_multipliers: Sequence[float], *, delta: float) -> float:

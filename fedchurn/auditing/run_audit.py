@@ -37,6 +37,7 @@ from typing import Any
 
 from fedchurn.auditing.evidence import check_signatures, check_what_ran, consortium_public_key, lifetime_epsilon
 from fedchurn.auditing.independent_accounting import gaussian_epsilon, pld_epsilon, rdp_epsilon
+from fedchurn.progress import report_stage
 from fedchurn.shared.config import FedChurnConfig, load_config
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.ledger import (
@@ -213,18 +214,20 @@ def audit_run(run_dir: Path, *, consortium_fingerprint: str | None = None) -> Ru
     stopped = (summary.get("budget") or {}).get("stopped") or {}
     consortium_key = consortium_public_key(run_dir, consortium)
     config = _run_config(run_dir, consortium_problems)
-    audits = [
-        _audit_institution(
-            folder,
-            run_id,
-            consortium,
-            stopped.get(folder.name),
-            consortium_key=consortium_key,
-            consortium_fingerprint=consortium_fingerprint,
-            config=config,
+    audits = []
+    for index, folder in enumerate(folders, start=1):
+        report_stage("auditing %s (%d/%d)", folder.name, index, len(folders))
+        audits.append(
+            _audit_institution(
+                folder,
+                run_id,
+                consortium,
+                stopped.get(folder.name),
+                consortium_key=consortium_key,
+                consortium_fingerprint=consortium_fingerprint,
+                config=config,
+            )
         )
-        for folder in folders
-    ]
     return RunAudit(
         run_dir=run_dir,
         run_id=run_id,
@@ -298,6 +301,7 @@ def _audit_institution(
 ) -> InstitutionAudit:
     ledger = InstitutionLedger.in_folder(folder)
     audit = InstitutionAudit(name=folder.name, ledger=ledger.path, stopped=stopped)
+    report_stage("%s: verifying the hash chain and signatures", folder.name)
     try:
         entries = ledger.entries()
     except LedgerError as exc:
@@ -324,11 +328,13 @@ def _audit_institution(
     if not records:
         audit.findings.append(f"the ledger holds no record of run {chosen} (the run in summary.json)")
         return audit
+    report_stage("%s: recomposing ε over %d records, then dp-accounting PLD and RDP", folder.name, len(records))
     try:
         _recompose(records, audit)
     except FedChurnError as exc:  # a record whose numbers cannot be read or accounted
         audit.findings.append(str(exc))
         return audit
+    report_stage("%s: cross-checks with its state, the consortium and the config; lifetime ε", folder.name)
     _cross_check(folder, records, consortium, audit)
     check_what_ran(records, audit, config)
     lifetime_epsilon(every_run, audit)
@@ -466,6 +472,7 @@ def add_empirical(
     for inst in audit.institutions:
         if inst.name not in wanted:
             continue
+        report_stage("%s: empirical canary run (%d canaries)", inst.name, canaries)
         result = run_empirical_audit(config, inst.name, canaries=canaries, beta=beta)
         inst.empirical = result.to_dict()
         if result.epsilon_lower_bound > result.claimed_epsilon:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,16 @@ def _fmt(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Progress (per bank, per check) on stderr while it runs; the audit on stdout."""
+    from fedchurn.progress import ConsoleProgress
+
+    with ConsoleProgress().install():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from fedchurn.auditing.run_audit import audit_run
+    from fedchurn.progress import process_started, report_stage
 
     audit = audit_run(Path(args.run_dir), consortium_fingerprint=args.consortium_key)
     if args.empirical:
@@ -67,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         )
     reports = []
     if not args.no_reports:
+        report_stage("writing the reports (Markdown and plots)")
         from fedchurn.auditing.bank_page import write_reports
 
         reports = write_reports(audit)
@@ -114,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if reports:
             print(f"Reports: {reports[0].parent}")
-        print("PASSED" if audit.passed else "FAILED")
+        print(f"{'PASSED' if audit.passed else 'FAILED'} (took {time.time() - process_started():.1f} s)")
     if not audit.passed:
         if args.json:
             print("audit failed: see 'tampering' and 'findings' in the JSON", file=sys.stderr)

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import fnmatch
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,46 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=run)
 
 
+def _encoder_text(config: FedChurnConfig) -> str:
+    checkpoint = config.model.encoder_checkpoint
+    return f"pretrained checkpoint {checkpoint}" if checkpoint else f"random init (seed {config.seed})"
+
+
+def _format_bank_plans(plans: list[Any], config: FedChurnConfig) -> str:
+    """The --dry-run table: one line per institution (fedchurn/simulation/dry_run.BankPlan)."""
+    header = (
+        f"{'institution':<22} {'train':>6} {'val':>5} {'test':>5} {'batch':>5} {'q':>7} {'steps/rd':>8} "
+        f"{'σ':>7} {'ε spent':>7} {'ε after':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for p in plans:
+        sigma = "-" if p.noise_multiplier is None else f"{p.noise_multiplier:.3f}"
+        projected = "-" if p.projected_epsilon is None else f"{p.projected_epsilon:.3f}"
+        lines.append(
+            f"{p.name[:22]:<22} {p.n_train:>6} {p.n_val:>5} {p.n_test:>5} {p.batch_size:>5} {p.sample_rate:>7.4f} "
+            f"{p.steps_per_round:>8} {sigma:>7} {p.spent_epsilon:>7.3f} {projected:>7}"
+            + (f"  {p.note}" if p.note else "")
+        )
+    if config.privacy.enabled:
+        lines.append(
+            f"ε after: each bank's lifetime ε (δ = {config.privacy.delta:g}, {config.privacy.accountant}) once all "
+            f"{config.rounds} rounds and its planned evaluation releases are done, from its training rows n alone "
+            "(as the bank plans it); ε spent: already in its ledger. Rows: a split by the config's seed; each bank "
+            "splits with its own secret key, so its counts (and ε) differ a little."
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Stage lines and round lines with ETAs on stderr while the command runs (fedchurn/progress.py)."""
+    from fedchurn.progress import ConsoleProgress
+
+    with ConsoleProgress().install():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedchurn.progress import process_started, report_stage
     from fedchurn.server.resume import RunInterrupted
     from fedchurn.simulation.driver import discard_plan, plan_simulation, run_simulation
 
@@ -220,9 +260,17 @@ def run(args: argparse.Namespace) -> int:
         f"Federation: {len(plan.institutions)} institutions, {config.rounds} rounds, {config.strategy.name}, {dp}; "
         f"output {plan.config.output_dir}"
     )
+    print(f"Transfer: {config.transfer.mode}; encoder: {_encoder_text(config)}")
     if args.dry_run:
-        discard_plan(plan)
+        report_stage("loading the institutions' training and accounting code")
+        from fedchurn.simulation.dry_run import plan_banks
+
+        try:
+            plans = plan_banks(plan.config, plan.institutions)
+        finally:
+            discard_plan(plan)
         print("Institutions: " + ", ".join(plan.institutions))
+        print(_format_bank_plans(plans, config))
         return 0
     try:
         summary = run_simulation(plan, ray_address=args.ray_address, verbose=args.verbose)
@@ -245,5 +293,10 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl"
         )
-    print(f"Run took {summary['seconds']:.1f} s. Results: {plan.config.output_dir}/summary.json")
+    took = time.time() - process_started()
+    rounds_seconds = sum(summary.get("seconds_per_round") or [])
+    print(
+        f"Run took {took:.1f} s (wall time since the command started: start-up, data checks, Ray and workers, "
+        f"{summary['rounds']} rounds ({rounds_seconds:.1f} s), saving). Results: {plan.config.output_dir}/summary.json"
+    )
     return 0

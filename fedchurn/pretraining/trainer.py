@@ -16,11 +16,13 @@ Pretraining is NOT differentially private: use public or consented source data o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from fedchurn.pretraining.source_data import SourceData, load_source
+from fedchurn.progress import EpochTimer, format_duration, report_stage
 from fedchurn.shared.config import FedChurnConfig, ModelConfig, config_to_dict
 from fedchurn.shared.errors import SimulationError
 from fedchurn.shared.metrics import roc_auc
@@ -38,6 +41,7 @@ from fedchurn.shared.model import ENCODER_PREFIX, ChurnHead, Encoder, build_enco
 from fedchurn.shared.provenance import PROVENANCE_VERSION, library_versions, schema_metadata
 
 logger = logging.getLogger(__name__)
+progress = logging.getLogger("fedchurn.progress")  # stage and epoch lines; the CLI shows them
 
 ENCODER_FILE = "encoder.pt"
 METADATA_FILE = "pretrain.json"
@@ -144,6 +148,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dist.all_gather_object(gathered, node_id)
         nodes = [str(n) for n in gathered]
     epochs = int(loop_config["epochs"])
+    epoch_queue = loop_config.get("progress")  # rank 0 sends each epoch's metrics to the driver (EpochReporter)
     for epoch in range(epochs):
         generator = torch.Generator().manual_seed(seed * 1009 + epoch * 31 + rank)
         order = torch.randperm(len(x), generator=generator)
@@ -176,6 +181,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     seed=seed,
                 )
             )
+        if rank == 0 and epoch_queue is not None:
+            epoch_queue.put({k: v for k, v in metrics.items() if k != "nodes"})
         if rank == 0 and last:
             state = {ENCODER_PREFIX + k: v.detach().cpu() for k, v in net.encoder.state_dict().items()}
             with tempfile.TemporaryDirectory() as folder:
@@ -183,6 +190,67 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+
+
+class EpochReporter:
+    """Per-epoch progress on the driver: rank 0 puts each epoch's metrics on a Ray queue (an actor, so it works
+    on a cluster too), and a thread here logs ``epoch k/N`` with the loss, validation metric, elapsed and ETA.
+
+    ``with reporter:`` around ``trainer.fit()``; ``close()`` once Ray may still be up, to remove the queue."""
+
+    def __init__(self, *, epochs: int, queue: Any = None) -> None:
+        if queue is None:
+            from ray.util.queue import Queue
+
+            queue = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU the workers hold
+        self.queue = queue
+        self.timer = EpochTimer(epochs)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fedchurn-epochs", daemon=True)
+
+    def __enter__(self) -> EpochReporter:
+        self.timer = EpochTimer(self.timer.total)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # Ray may already be down after a failure
+            self.queue.shutdown()
+
+    def _watch(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self.log(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # the queue went away with Ray: the result says the rest
+                return
+
+    def _drain(self) -> None:
+        with contextlib.suppress(Exception):
+            while not self.queue.empty():
+                self.log(self.queue.get_nowait())
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.timer.lap()
+        shown = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
+        shown += [f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in ("val_loss", "val_auc") if k in metrics]
+        eta = self.timer.eta
+        progress.info(
+            "epoch %d/%d  %s  elapsed %s%s",
+            int(metrics.get("epoch", self.timer.done)),
+            self.timer.total,
+            "  ".join(shown),
+            format_duration(self.timer.elapsed),
+            "" if eta is None or self.timer.done >= self.timer.total else f"  ETA {format_duration(eta)}",
+        )
 
 
 def _split(
@@ -232,6 +300,7 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = config.pretrain
+    report_stage("loading the source data (%s)", p.source)
     source = load_source(config)
     x_train, y_train, x_val, y_val = _split(source, fraction=p.validation_fraction, seed=config.seed)
     loop_config = {
@@ -254,8 +323,12 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
     storage = out / _STORAGE_DIR
     started_ray = _connect_ray(config, ray_address=ray_address)
     ray_started_at = time.perf_counter()
+    reporter: EpochReporter | None = None
     try:
         _check_resources(config)
+        reporter = EpochReporter(epochs=p.epochs)
+        loop_config["progress"] = reporter.queue
+        report_stage("starting %d Ray Train worker(s) for %d epochs", p.num_workers, p.epochs)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
@@ -264,12 +337,15 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
             ),
             run_config=RunConfig(name="pretrain", storage_path=str(storage)),
         )
-        result = trainer.fit()
+        with reporter:
+            result = trainer.fit()
     except SimulationError:
         raise
     except Exception as exc:  # Ray Train wraps worker failures in several types
         raise SimulationError(f"pretraining failed: {exc}") from exc
     finally:
+        if reporter is not None:
+            reporter.close()
         if started_ray and ray.is_initialized():
             ray.shutdown()
     train_seconds = time.perf_counter() - ray_started_at
@@ -303,6 +379,7 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
         "versions": library_versions(),
         "privacy": "not differentially private: the source must be public or consented data",
     }
+    report_stage("writing the encoder and its provenance")
     checkpoint = out / ENCODER_FILE
     save_encoder_checkpoint(
         checkpoint, arrays, model=config.model, feature_names=source.schema.feature_names, metadata=metadata

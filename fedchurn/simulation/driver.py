@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedchurn.progress import report_stage
 from fedchurn.shared.config import FedChurnConfig, config_to_run_config
 from fedchurn.shared.data import UnbalancedSplitError, institution_names, prepare_institution
 from fedchurn.shared.errors import FedChurnError, SimulationError
@@ -61,15 +62,19 @@ def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> Simul
     from fedchurn.shared.provenance import check_transfer_setup
 
     config = dataclasses.replace(config, output_dir=output_dir)
+    report_stage("checking the config and the institutions")
     check_transfer_setup(config)  # a federated transfer mode; a pretrained encoder that fits the schema
     started = time.perf_counter()
     if check_data and config.data.source == "csv":
+        report_stage("reading and checking the data")
         stage_partitions(config.data, output_dir)
+        report_stage("staged each institution's rows in %.1f s", time.perf_counter() - started)
     try:
         names = institution_names(config.data, seed=config.seed, output_dir=output_dir)
         if not names:
             raise SimulationError("the data holds no institutions")
         if check_data and config.data.source == "csv":
+            report_stage("checking splits and preprocessing of %d institutions", len(names))
             for name in names:
                 # Splits and preprocessing from the staged rows. The split here is not the bank's (each bank
                 # splits with its own secret key), so an unbalanced part here says nothing about the bank's.
@@ -108,11 +113,14 @@ def _connect_ray(config: FedChurnConfig, *, ray_address: str | None) -> bool:
     pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, **QUIET_ENVIRONMENT}}
     address = ray_address or config.simulation.ray_address
+    started = time.perf_counter()
     try:
         if address:
+            report_stage("attaching to the Ray cluster at %s", address)
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=False)
         else:
             num_cpus = config.simulation.ray_num_cpus or os.cpu_count() or 1
+            report_stage("starting Ray with %d CPUs", num_cpus)
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=False,
@@ -123,6 +131,7 @@ def _connect_ray(config: FedChurnConfig, *, ray_address: str | None) -> bool:
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError, ... on start-up
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise SimulationError(f"could not start {where}: {exc}") from None
+    progress.info("Ray ready in %.1f s", time.perf_counter() - started)
     return True
 
 
@@ -202,8 +211,11 @@ def _recording_members(members: dict[int, str], institutions: tuple[str, ...]) -
 
 
 def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Run the planned federation and return the summary the server wrote."""
+    """Run the planned federation and return the summary the server wrote.
+
+    Progress (stages, then one line per round) goes to the ``fedchurn.progress`` logger (fedchurn/progress.py)."""
     quiet_environment()
+    report_stage("loading Ray, Flower and the institutions' code")
     import ray
     from flwr.simulation import run_simulation as flower_run_simulation
 
@@ -231,6 +243,11 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
         }
         members: dict[int, str] = {}  # node id -> institution, known once Flower creates the nodes
         stop = threading.Event()  # Ctrl-C: end after the round under way, once it is checkpointed
+        report_stage(
+            "starting Flower's simulation engine: %d institutions, %g CPU each",
+            len(plan.institutions),
+            config.simulation.client_num_cpus,
+        )
         with _recording_members(members, plan.institutions), _interruptible(stop):
             flower_run_simulation(
                 server_app=make_server_app(run_config, members=members, stop=stop, warm_up=len(plan.institutions)),
@@ -245,6 +262,7 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     except Exception as exc:
         raise SimulationError(f"the simulation failed: {exc}") from exc
     finally:
+        report_stage("stopping the workers and removing the staged rows")
         # Flower's Ray backend shuts Ray down itself; make sure a Ray we started does not outlive the run.
         if started_ray and ray.is_initialized():
             ray.shutdown()
