@@ -100,9 +100,10 @@ class EpochTimer:
         self.durations: list[float] = []
         self._started = self._last = time.perf_counter()
 
-    def lap(self) -> float:
+    def lap(self, seconds: float | None = None) -> float:
+        """One more step done; it took ``seconds`` when the caller measured it, else the time since the last."""
         now = time.perf_counter()
-        self.durations.append(now - self._last)
+        self.durations.append(now - self._last if seconds is None else float(seconds))
         self._last = now
         self.done += 1
         return self.durations[-1]

@@ -173,13 +173,19 @@ def test_epoch_lines_carry_loss_validation_elapsed_and_eta() -> None:
 
     reporter = EpochReporter(epochs=3, queue=object())  # log() never touches the queue
     with _Records() as records:
-        reporter.log({"epoch": 1, "train_loss": 0.5, "val_loss": 0.45, "val_auc": 0.8})
-        reporter.log({"epoch": 2, "train_loss": 0.4, "val_loss": 0.41, "val_auc": 0.82})
-        reporter.log({"epoch": 3, "train_loss": 0.35, "val_loss": 0.40})
+        # The worker times its epochs: the first (10 s, start-up) is left out of the ETA once there is another.
+        reporter.log({"epoch": 1, "train_loss": 0.5, "val_loss": 0.45, "val_auc": 0.8, "seconds": 10.0})
+        reporter.log({"epoch": 2, "train_loss": 0.4, "val_loss": 0.41, "val_auc": 0.82, "seconds": 2.0})
+        reporter.log({"epoch": 3, "train_loss": 0.35, "val_loss": 0.40, "seconds": 2.0})
     lines = [r.getMessage() for r in records]
     assert lines[0].startswith("epoch 1/3  loss 0.5000  val loss 0.4500  val auc 0.8000  elapsed ")
-    assert "ETA" in lines[0] and "ETA" in lines[1]
+    assert lines[0].endswith("ETA 20.0 s") and lines[1].endswith("ETA 2.0 s")
     assert lines[2].startswith("epoch 3/3  loss 0.3500  val loss 0.4000  elapsed ") and "ETA" not in lines[2]
+    assert [getattr(r, "progress_stage", None) for r in records] == [
+        "training epoch 2/3",
+        "training epoch 3/3",
+        "finishing: Ray Train's checkpoint and shutdown",
+    ]
 
 
 # --- dry run ---------------------------------------------------------------------------------------

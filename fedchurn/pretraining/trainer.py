@@ -150,6 +150,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     epochs = int(loop_config["epochs"])
     epoch_queue = loop_config.get("progress")  # rank 0 sends each epoch's metrics to the driver (EpochReporter)
     for epoch in range(epochs):
+        epoch_started = time.perf_counter()
         generator = torch.Generator().manual_seed(seed * 1009 + epoch * 31 + rank)
         order = torch.randperm(len(x), generator=generator)
         losses = []
@@ -182,7 +183,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
             )
         if rank == 0 and epoch_queue is not None:
-            epoch_queue.put({k: v for k, v in metrics.items() if k != "nodes"})
+            shown = {k: v for k, v in metrics.items() if k != "nodes"}
+            epoch_queue.put({**shown, "seconds": time.perf_counter() - epoch_started})
         if rank == 0 and last:
             state = {ENCODER_PREFIX + k: v.detach().cpu() for k, v in net.encoder.state_dict().items()}
             with tempfile.TemporaryDirectory() as folder:
@@ -239,17 +241,23 @@ class EpochReporter:
                 self.log(self.queue.get_nowait())
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.timer.lap()
+        """One epoch's line; its duration is the worker's own (``seconds``), else the time since the last line."""
+        self.timer.lap(metrics.get("seconds"))
         shown = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
         shown += [f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in ("val_loss", "val_auc") if k in metrics]
         eta = self.timer.eta
+        done = self.timer.done >= self.timer.total
+        stage = f"training epoch {self.timer.done + 1}/{self.timer.total}"
+        if done:
+            stage = "finishing: Ray Train's checkpoint and shutdown"
         progress.info(
             "epoch %d/%d  %s  elapsed %s%s",
             int(metrics.get("epoch", self.timer.done)),
             self.timer.total,
             "  ".join(shown),
             format_duration(self.timer.elapsed),
-            "" if eta is None or self.timer.done >= self.timer.total else f"  ETA {format_duration(eta)}",
+            "" if eta is None or done else f"  ETA {format_duration(eta)}",
+            extra={"progress_stage": stage},
         )
 
 
