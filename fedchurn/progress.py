@@ -32,6 +32,7 @@ __all__ = [
     "format_duration",
     "process_started",
     "report_stage",
+    "skip_final_collection",
 ]
 
 PROGRESS_LOGGER = "fedchurn.progress"
@@ -83,6 +84,15 @@ def eta_seconds(durations: Sequence[float], *, done: int, total: int) -> float |
     if not timed:
         return None
     return remaining * sum(timed) / len(timed)
+
+
+def skip_final_collection() -> None:
+    """Call when a command is done: the interpreter then exits without walking every object torch, Ray and Flower
+    left (its last garbage collections took 1-3 s of a user's wait, measured on 2 CPUs). The memory goes back to
+    the system with the process; files and streams are closed and flushed as usual."""
+    import gc
+
+    gc.freeze()
 
 
 def report_stage(message: str, *args: Any, logger: logging.Logger | None = None) -> None:

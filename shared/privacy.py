@@ -30,7 +30,8 @@ from fedchurn.shared import dp_sgd
 from fedchurn.shared.config import PrivacyConfig
 from fedchurn.shared.errors import PrivacyError
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
@@ -242,12 +243,36 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
                 rdp,
             )
             return rdp
+    if accountant == "rdp":
+        return _rdp_epsilon(history, delta)
     acc = create_accountant(mechanism=accountant)
     acc.history = [(sigma, q, steps) for sigma, q, steps in history]
     # PRV takes log(1 - q): a harmless -inf at q = 1
     with np.errstate(divide="ignore", invalid="ignore"), _quiet_alpha_warnings():
         eps = float(acc.get_epsilon(delta=delta))
     return eps
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Opacus' RDP curve of one step at (q, σ), computed once: every round of a run usually repeats it, and ε is
+    asked for after each round (and for every prefix of a ledger by the audit)."""
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+        )
+    )
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Exactly Opacus' ``RDPAccountant.get_epsilon`` (same curves, steps, sum and conversion, so the same float),
+    with each distinct (q, σ) curve computed once."""
+    rdp = sum([_rdp_per_step(q, sigma) * steps for sigma, q, steps in history])
+    with np.errstate(divide="ignore", invalid="ignore"), _quiet_alpha_warnings():
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _grouped(history: tuple[MechanismStep, ...]) -> tuple[tuple[float, float, int], ...]:

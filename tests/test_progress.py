@@ -297,3 +297,30 @@ def test_pld_of_repeated_rounds_equals_one_composition_of_all_their_steps() -> N
     )
     # Not merged: a different σ or q is a different mechanism.
     assert pld_epsilon([(1.1, 0.05, 20), (1.2, 0.05, 20)], delta=1e-5) != pld_epsilon([(1.1, 0.05, 40)], delta=1e-5)
+
+
+def test_rdp_epsilon_with_cached_curves_is_exactly_opacus() -> None:
+    """Each (q, σ) curve is computed once: ε must still be Opacus' own float, for any history."""
+    import random
+    import warnings
+
+    from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+    from opacus.accountants import RDPAccountant
+
+    rng = random.Random(7)
+    for _ in range(40):
+        history = [
+            (rng.choice([0.6, 1.0, 1.3, 4.0]), rng.choice([0.004, 0.05, 0.3, 1.0]), rng.randint(1, 400))
+            for _ in range(rng.randint(1, 4))
+        ]
+        delta = rng.choice([1e-6, 1e-5, 1e-3])
+        reference = RDPAccountant()
+        reference.history = list(history)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = float(reference.get_epsilon(delta=delta))
+        state = AccountantState(
+            accountant="rdp",
+            history=tuple(MechanismStep(noise_multiplier=s, sample_rate=q, steps=n) for s, q, n in history),
+        )
+        assert epsilon_of(state, delta=delta) == expected

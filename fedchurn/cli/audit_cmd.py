@@ -54,10 +54,12 @@ def _fmt(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Progress (per bank, per check) on stderr while it runs; the audit on stdout."""
-    from fedchurn.progress import ConsoleProgress
+    from fedchurn.progress import ConsoleProgress, skip_final_collection
 
     with ConsoleProgress().install():
-        return _run(args)
+        code = _run(args)
+    skip_final_collection()
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

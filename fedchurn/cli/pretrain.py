@@ -61,10 +61,12 @@ def resolve_pretrain_config(args: argparse.Namespace) -> FedChurnConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Stage and per-epoch lines (loss, validation metric, elapsed, ETA) on stderr while it trains."""
-    from fedchurn.progress import ConsoleProgress
+    from fedchurn.progress import ConsoleProgress, skip_final_collection
 
     with ConsoleProgress().install():
-        return _run(args)
+        code = _run(args)
+    skip_final_collection()
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:

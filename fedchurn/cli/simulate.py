@@ -219,10 +219,12 @@ def _format_bank_plans(plans: list[Any], config: FedChurnConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Stage lines and round lines with ETAs on stderr while the command runs (fedchurn/progress.py)."""
-    from fedchurn.progress import ConsoleProgress
+    from fedchurn.progress import ConsoleProgress, skip_final_collection
 
     with ConsoleProgress().install():
-        return _run(args)
+        code = _run(args)
+    skip_final_collection()
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
