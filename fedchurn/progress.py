@@ -139,7 +139,7 @@ class ConsoleProgress(logging.Handler):
         stream: TextIO | None = None,
         *,
         started: float | None = None,
-        heartbeat_s: float = 1.5,
+        heartbeat_s: float = 1.25,
         live: bool | None = None,
     ) -> None:
         super().__init__(logging.INFO)
@@ -220,7 +220,8 @@ class ConsoleProgress(logging.Handler):
             self.tick()
 
     @contextmanager
-    def install(self, logger_name: str = PROGRESS_LOGGER) -> Iterator[ConsoleProgress]:
+    def install(self, first_line: str = "", logger_name: str = PROGRESS_LOGGER) -> Iterator[ConsoleProgress]:
+        """Render the progress logger's records while the block runs; ``first_line``: a line to write at once."""
         logger = logging.getLogger(logger_name)
         saved = (list(logger.handlers), logger.level, logger.propagate)
         logger.handlers = [self]
@@ -231,6 +232,9 @@ class ConsoleProgress(logging.Handler):
 
             self._status = Console(file=self.stream).status(f"{self.stage} …")
             self._status.start()
+        if first_line:
+            self.stage = first_line
+            self.line(first_line)
         beat = threading.Thread(target=self._beat, name="fedchurn-progress", daemon=True)
         beat.start()
         try:

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     """Stage lines and round lines with ETAs on stderr while the command runs (fedchurn/progress.py)."""
     from fedchurn.progress import ConsoleProgress, skip_final_collection
 
-    with ConsoleProgress().install():
+    with ConsoleProgress().install("starting up: reading the config"):
         code = _run(args)
     skip_final_collection()
     return code
