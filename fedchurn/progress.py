@@ -152,6 +152,7 @@ class ConsoleProgress(logging.Handler):
         self._last_output = self._stage_started = time.monotonic()
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._started_output = False
         self._status: Any = None  # rich Status when live
 
     # --- rendering -------------------------------------------------------------------------------
@@ -164,6 +165,8 @@ class ConsoleProgress(logging.Handler):
         with self._lock:
             stamped = f"[{self.elapsed():6.1f} s] {text}"
             if self._status is not None:
+                if not self._started_output:
+                    self._status.start()  # the live line appears with the first progress line
                 self._status.console.print(stamped, highlight=False, markup=False)
             else:
                 if self.stream is not sys.stdout:
@@ -171,6 +174,7 @@ class ConsoleProgress(logging.Handler):
                 self.stream.write(stamped + "\n")
                 self.stream.flush()
             self._last_output = time.monotonic()
+            self._started_output = True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -207,8 +211,12 @@ class ConsoleProgress(logging.Handler):
     # --- heartbeat -------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One heartbeat: refresh the live status, or write a 'still ...' line after ``heartbeat_s`` of quiet."""
+        """One heartbeat: refresh the live status, or write a 'still ...' line after ``heartbeat_s`` of quiet.
+
+        Quiet until the first line: a command that fails on its input says only its one-line error."""
         with self._lock:
+            if not self._started_output:
+                return
             quiet = time.monotonic() - self._last_output
             if self._status is not None:
                 self._status.update(f"{self.stage} … [{self.elapsed():.1f} s]")
@@ -220,8 +228,8 @@ class ConsoleProgress(logging.Handler):
             self.tick()
 
     @contextmanager
-    def install(self, first_line: str = "", logger_name: str = PROGRESS_LOGGER) -> Iterator[ConsoleProgress]:
-        """Render the progress logger's records while the block runs; ``first_line``: a line to write at once."""
+    def install(self, logger_name: str = PROGRESS_LOGGER) -> Iterator[ConsoleProgress]:
+        """Render the progress logger's records while the block runs, with a heartbeat."""
         logger = logging.getLogger(logger_name)
         saved = (list(logger.handlers), logger.level, logger.propagate)
         logger.handlers = [self]
@@ -231,10 +239,6 @@ class ConsoleProgress(logging.Handler):
             from rich.console import Console
 
             self._status = Console(file=self.stream).status(f"{self.stage} …")
-            self._status.start()
-        if first_line:
-            self.stage = first_line
-            self.line(first_line)
         beat = threading.Thread(target=self._beat, name="fedchurn-progress", daemon=True)
         beat.start()
         try:

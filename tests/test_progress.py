@@ -96,6 +96,13 @@ def test_stage_lines_and_the_heartbeat_name_the_stage() -> None:
     assert console not in logging.getLogger(PROGRESS_LOGGER).handlers  # removed again
 
 
+def test_no_heartbeat_before_the_first_line() -> None:
+    """A command failing on its input must say only its one-line error: nothing before the first stage."""
+    console, stream = _console(heartbeat_s=0.0)
+    console.tick()
+    assert stream.getvalue() == ""
+
+
 def test_no_heartbeat_while_lines_keep_coming() -> None:
     console, stream = _console(heartbeat_s=3600.0)
     console.emit(_round_record(1, 2, 1.0))

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Progress (per bank, per check) on stderr while it runs; the audit on stdout."""
     from fedchurn.progress import ConsoleProgress, skip_final_collection
 
-    with ConsoleProgress().install("starting up: reading the run folder"):
+    with ConsoleProgress().install():
         code = _run(args)
     skip_final_collection()
     return code

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """Stage and per-epoch lines (loss, validation metric, elapsed, ETA) on stderr while it trains."""
     from fedchurn.progress import ConsoleProgress, skip_final_collection
 
-    with ConsoleProgress().install("starting up: reading the config"):
+    with ConsoleProgress().install():
         code = _run(args)
     skip_final_collection()
     return code

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     """Stage lines and round lines with ETAs on stderr while the command runs (fedchurn/progress.py)."""
     from fedchurn.progress import ConsoleProgress, skip_final_collection
 
-    with ConsoleProgress().install("starting up: reading the config"):
+    with ConsoleProgress().install():
         code = _run(args)
     skip_final_collection()
     return code
@@ -229,8 +229,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedchurn.progress import process_started, report_stage
-    from fedchurn.server.resume import RunInterrupted
-    from fedchurn.simulation.driver import discard_plan, plan_simulation, run_simulation
 
     config = resolve_run_config(args)
     if config.federation.run_name is None:  # a name makes the run resumable, with every institution's ε
@@ -238,6 +236,10 @@ def _run(args: argparse.Namespace) -> int:
         config = apply_overrides(config, {"federation.run_name": name})
     if not config.federation.resume:
         check_output_dir(config, overwrite=args.overwrite)
+    report_stage("loading the simulation code")
+    from fedchurn.server.resume import RunInterrupted
+    from fedchurn.simulation.driver import discard_plan, plan_simulation, run_simulation
+
     plan = plan_simulation(config)
     if config.strategy.min_replies > len(plan.institutions):
         raise ConfigError(
