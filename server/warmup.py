@@ -14,7 +14,6 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 logger = logging.getLogger(__name__)
-progress = logging.getLogger("fedchurn.progress")  # the CLI shows it (fedchurn/progress.py)
 
 WARM_UP_GROUP = "warm-up"
 
@@ -22,11 +21,7 @@ WARM_UP_GROUP = "warm-up"
 def wait_for_nodes(grid: Grid, *, expected: int, timeout: float, poll_s: float = 0.1) -> list[int]:
     """The node ids online once ``expected`` are (or when ``timeout`` seconds have passed)."""
     deadline = time.monotonic() + timeout
-    online = 0
     while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        if len(nodes) > online:
-            online = len(nodes)
-            progress.info("%d of %d institution workers online", online, expected)
         time.sleep(poll_s)
     return nodes
 
