@@ -68,7 +68,7 @@ def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> Simul
     if check_data and config.data.source == "csv":
         report_stage("reading and checking the data")
         stage_partitions(config.data, output_dir)
-        report_stage("staged each institution's rows in %.1f s", time.perf_counter() - started)
+        progress.info("staged each institution's rows in %.1f s", time.perf_counter() - started)
     try:
         names = institution_names(config.data, seed=config.seed, output_dir=output_dir)
         if not names:
