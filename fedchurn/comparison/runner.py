@@ -263,4 +263,7 @@ def run_comparison(
     (out / COMPARISON_MD).write_text(markdown_table(comparison), encoding="utf-8")
     (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     plot_comparison(comparison, out / COMPARISON_PNG)
+    from fedchurn.reporting import write_report_safely
+
+    write_report_safely(out)  # report.html of the comparison; a failure is logged, never the comparison's
     return comparison

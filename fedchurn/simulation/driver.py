@@ -252,6 +252,9 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    from fedchurn.reporting import write_report_safely
+
+    write_report_safely(output_dir)  # report.html; a failure is logged, never the run's
     if not summary["institutions"] and not _trained_any(output_dir):
         # (With evaluation off no metrics leave the banks, so the summary lists none: training is what counts.)
         reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])
