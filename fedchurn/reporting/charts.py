@@ -115,7 +115,7 @@ def per_round_figure(
 def budget_chart(spent: Mapping[str, float | None], caps: Mapping[str, float | None], *, delta: float | None) -> str:
     """A bar per bank: lifetime ε, its cap as a black tick; orange at 80 % of the cap, red at or over it."""
     names = list(spent)
-    fig, ax = _figure(8.0, max(2.0, 0.26 * len(names) + 1.2))
+    fig, ax = _figure(8.0, max(2.6, 0.26 * len(names) + 1.2))
     for y, name in enumerate(names):
         value = spent[name] or 0.0
         cap = caps.get(name)
@@ -165,7 +165,7 @@ def calibration_chart(points: Mapping[str, tuple[float | None, float | None]], *
 def ece_chart(ece: Mapping[str, float | None], kept_ece: Mapping[str, float | None]) -> str:
     """ECE per bank: the last release, and the kept model's."""
     names = list(ece)
-    fig, ax = _figure(8.0, max(2.0, 0.26 * len(names) + 1.2))
+    fig, ax = _figure(8.0, max(2.6, 0.26 * len(names) + 1.2))
     ys = list(range(len(names)))
     ax.barh([y - 0.18 for y in ys], [ece[n] or 0.0 for n in names], height=0.36, color="tab:blue", label="last release")
     ax.barh(

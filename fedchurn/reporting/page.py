@@ -267,7 +267,6 @@ def _calibration_section(run: RunFolder, names: Sequence[str]) -> str:
             "Each bank's mean calibrated churn probability against its observed churn rate, both from its last "
             "DP-released test histogram (on the diagonal: calibrated in the large).",
         ),
-        _figure(charts.ece_chart(ece, kept_ece), "ECE per bank", "Expected calibration error per bank."),
     ]
     maps: dict[str, tuple[float, float]] = {}
     for name, record in run.kept.items():
@@ -287,6 +286,7 @@ def _calibration_section(run: RunFolder, names: Sequence[str]) -> str:
             )
         )
     parts.append('<div class="grid">' + "".join(figures) + "</div>")
+    parts.append(_figure(charts.ece_chart(ece, kept_ece), "ECE per bank", "Expected calibration error per bank."))
     parts.append(
         '<p class="note">A binned reliability diagram needs each bank\'s released score histogram, which stays at '
         "the bank; the run folder keeps the released summary figures (mean probability, churn rate, ECE) and, for "
