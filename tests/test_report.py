@@ -114,6 +114,12 @@ class _Elements(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
+def _cell(text: str) -> str:
+    """A table cell as the page writes it: numbers right-aligned (class n), text not."""
+    numeric = text[:1].isdigit() or text[:1] == "-"
+    return f'<td class="n">{text}</td>' if numeric else f"<td>{text}</td>"
+
+
 def _elements(page: str) -> list[tuple[str, dict[str, str | None]]]:
     parser = _Elements()
     parser.feed(page)
@@ -139,13 +145,13 @@ def test_run_report_has_its_charts_and_every_bank(tmp_path: Path) -> None:
         assert svg.tag.endswith("svg")
         assert len(list(svg.iter("{http://www.w3.org/2000/svg}path"))) > 10
     for name in names:
-        assert f"<td>{name}</td>" in page
+        assert _cell(name) in page
     # bank-c (i = 2): lifetime ε = its last release, 3·3/10 + 0.05 = 0.95; last AUC 0.5 + 0.3 − 0.02 = 0.78
-    assert "<td>0.950</td>" in page
-    assert "<td>0.780</td>" in page
+    assert _cell("0.950") in page
+    assert _cell("0.780") in page
     assert "Dropped replies (1)" in page and "update norm too large" in page
     for key in ("python", "torch", "flwr", "opacus", "fedchurn"):
-        assert f"<td>{key}</td>" in page
+        assert _cell(key) in page
 
 
 def test_page_is_offline(tmp_path: Path) -> None:
@@ -179,7 +185,7 @@ def test_many_banks_highlight_a_few_and_list_all(tmp_path: Path) -> None:
     names = [f"bank-{i:02d}" for i in range(50)]
     page = write_report(make_run(tmp_path, names, rounds=2)).read_text(encoding="utf-8")
     for name in names:
-        assert f"<td>{name}</td>" in page
+        assert _cell(name) in page
     # the lowest AUCs are the last banks (AUC falls with i): those five are coloured
     final = {n: 0.7 - 0.01 * i for i, n in enumerate(names)}
     assert charts.highlighted(names, final) == names[:-6:-1]
@@ -226,6 +232,19 @@ def test_lifetime_cap_is_the_lower_of_policy_and_budget() -> None:
     assert lifetime_cap({"budget": {"max_epsilon": None}, "policy": {}}, "a") is None
 
 
+def test_the_cap_a_bank_stated_when_it_stopped_is_shown(tmp_path: Path) -> None:
+    run = make_run(tmp_path, ["a", "b"], config_overrides={"budget": {"max_epsilon": 8.0, "institution_epsilon": {}}})
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    reason = "another round would take ε from 0.3 to 0.4, above its budget 0.35"
+    summary["budget"]["stopped"] = {"a": {"round": 3, "reason": reason, "epsilon": 0.3, "max_epsilon": 0.35}}
+    (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    page = write_report(run).read_text(encoding="utf-8")
+    # a: its own cap 0.35 (lifetime ε 0.35 = 3·1/10 + 0.05: 100 % of it); b: the config's budget, 8
+    assert "<td>a</td>" + "".join(_cell(v) for v in ("0.350", "0.35", "100 %")) in page
+    assert "<td>b</td>" + "".join(_cell(v) for v in ("0.650", "8.00", "8 %")) in page
+    assert "before round 3: " + reason in page
+
+
 def test_comparison_folder_gets_its_table_and_chart(tmp_path: Path) -> None:
     runs = {
         "bank-a": {
@@ -250,7 +269,7 @@ def test_comparison_folder_gets_its_table_and_chart(tmp_path: Path) -> None:
     (tmp_path / "seed-0" / "finetune").mkdir(parents=True)
     (tmp_path / "seed-0" / "finetune" / "report.html").write_text("x", encoding="utf-8")
     page = write_report(tmp_path).read_text(encoding="utf-8")
-    assert "<th>federated fine-tune</th>" in page and "<td>0.800</td>" in page and "<td>0.650</td>" in page
+    assert "<th>federated fine-tune</th>" in page and _cell("0.800") in page and _cell("0.650") in page
     assert len(_svgs(page)) == 1
     assert "<script" not in page
     assert 'href="seed-0/finetune/report.html"' in page
@@ -277,3 +296,20 @@ def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "neither a run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_simulate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    argv = ["simulate", "--rounds", "2", "--out", str(out), "--set", "data.synthetic.institutions=3"]
+    argv += ["--set", "data.synthetic.max_rows=900", "--set", "simulation.ray_num_cpus=2"]
+    argv += ["--set", "evaluation.every_rounds=1"]
+    assert main(argv) == 0
+    assert f"Report: {out}/report.html" in capsys.readouterr().out
+    page = (out / REPORT_FILE).read_text(encoding="utf-8")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    for name, released in summary["institutions"].items():
+        assert _cell(name) in page
+        assert _cell(f"{released['epsilon']:.3f}") in page
+    assert len(_svgs(page)) == 6

@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;m
 color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}table.facts td{text-align:left}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left}th{background:#f3f3f3}
+td.n{text-align:right;font-variant-numeric:tabular-nums}td:first-child{white-space:nowrap}
 figure{margin:1em 0}figure img{width:100%;max-width:900px;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}
 .note{font-size:.9em;color:#444;background:#f8f8f0;border-left:3px solid #cc9;padding:.4em .8em}
@@ -49,9 +50,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?( %)?$|^[—∞]$")
+
+
+def _cell(value: Any) -> str:
+    text = esc(value)
+    return f'<td class="n">{text}</td>' if NUMBER.match(str(value)) else f"<td>{text}</td>"
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, facts: bool = False) -> str:
     head = "" if facts else "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>"
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     klass = ' class="facts"' if facts else ""
     return f"<table{klass}>{head}<tbody>{body}</tbody></table>"
 
@@ -74,6 +83,16 @@ def _lifetime_epsilon(run: RunFolder, name: str) -> float | None:
     return max(finite) if finite else None
 
 
+def _cap(run: RunFolder, name: str) -> float | None:
+    """The bank's lifetime ε cap: as it stated it when it stopped or declined, else as the config sets it for a
+    simulated bank."""
+    budget = (run.summary or {}).get("budget") or {}
+    stated = [((budget.get("stopped") or {}).get(name) or {}).get("max_epsilon")]
+    stated += [d.get("max_epsilon") for d in budget.get("declines") or [] if d.get("institution") == name]
+    finite = [float(v) for v in stated if isinstance(v, (int, float)) and math.isfinite(v)]
+    return min(finite) if finite else lifetime_cap(run.config, name)
+
+
 def _run_sections(run: RunFolder) -> list[str]:
     summary = run.summary or {}
     config = run.config
@@ -84,7 +103,7 @@ def _run_sections(run: RunFolder) -> list[str]:
     names = run.institutions
     delta = (config.get("privacy") or {}).get("delta")
     private = bool((config.get("privacy") or {}).get("enabled", True))
-    caps = {n: lifetime_cap(config, n) for n in names}
+    caps = {n: _cap(run, n) for n in names}
     kept_round = {n: (released.get(n) or {}).get("model_round") for n in names}
     lifetime = {n: _lifetime_epsilon(run, n) for n in names}
     sections: list[str] = []
@@ -128,8 +147,10 @@ def _run_sections(run: RunFolder) -> list[str]:
         caption = "Test AUC per round per bank (DP-released); red dashed: chance (0.5); star: the kept model's round."
         if len(auc) > charts.MAX_COLOURED:
             caption += f" Grey: every bank; black: median; coloured: the {len(chosen)} banks with the lowest last AUC."
-        if every == 0:
-            caption += " evaluation.every_rounds = 0: the banks released only after the last round (one point each)."
+        if max(len(series) for series in auc.values()) <= 1:
+            caption += (
+                f" One release per bank (evaluation.every_rounds = {every}): set it to k > 0 for one every k rounds."
+            )
         uri = charts.to_data_uri(
             charts.per_round_figure(
                 auc,
@@ -180,6 +201,12 @@ def _run_sections(run: RunFolder) -> list[str]:
     return sections
 
 
+def _rounds(value: Any) -> str:
+    if isinstance(value, list):
+        return "rounds " + ", ".join(str(v) for v in value) if value else ""
+    return "" if value is None else str(value)
+
+
 def _privacy_section(
     run: RunFolder,
     names: Sequence[str],
@@ -218,15 +245,28 @@ def _privacy_section(
                 _fmt(spent) if private else "off",
                 _fmt(cap, 2),
                 f"{100 * spent / cap:.0f} %" if spent is not None and cap else "—",
-                _fmt(delta, 8) if private else "—",
+                f"{delta:g}" if private and isinstance(delta, (int, float)) else "—",
                 _fmt(series.noise_multiplier) if series else "—",
                 _fmt(evaluation_sigma(config, name)),
                 f"before round {stopped[name].get('round')}: {stopped[name].get('reason')}" if name in stopped else "",
-                withheld.get(name, "") if isinstance(withheld.get(name, ""), str) else json.dumps(withheld[name]),
+                _rounds(withheld.get(name)),
             ]
         )
     parts.append(
-        _table(["bank", "lifetime ε", "cap", "of cap", "δ", "σ training", "σ evaluation", "stopped", "withheld"], rows)
+        _table(
+            [
+                "bank",
+                "lifetime ε",
+                "cap",
+                "of cap",
+                "δ",
+                "σ training",
+                "σ evaluation",
+                "stopped",
+                "evaluation withheld in",
+            ],
+            rows,
+        )
     )
     parts.append(
         '<p class="note">Lifetime ε: per customer row, add/remove adjacency, composing every training round and '
@@ -235,17 +275,28 @@ def _privacy_section(
         "real bank's own policy may be stricter and is not in this folder.</p>"
     )
     covered = summary.get("privacy") or {}
-    facts = [[key, value if isinstance(value, str) else json.dumps(value)] for key, value in covered.items()]
+    facts = [
+        [key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)]
+        for key, value in covered.items()
+    ]
     institution_dp = summary.get("institution_dp")
     if institution_dp is not None:
-        facts.append(["institution-level DP", json.dumps(institution_dp)])
+        facts.append(["institution-level DP", json.dumps(institution_dp, ensure_ascii=False)])
     if summary.get("noise"):
         facts.append(["noise", summary["noise"]])
     if facts:
         parts.append("<h3>What ε covers and what it does not</h3>" + _table([], facts, facts=True))
     declines = budget.get("declines") or []
     if declines:
-        parts.append(f"<h3>Declines ({len(declines)})</h3><pre>{esc(json.dumps(declines[:100], indent=1))}</pre>")
+        rows = [
+            [d.get("round"), d.get("institution"), d.get("reason_code", ""), d.get("reason", "")]
+            for d in declines[:200]
+        ]
+        parts.append(
+            f"<h3>Declines ({len(declines)})</h3>"
+            + _table(["round", "bank", "code", "reason"], rows)
+            + ("<p>First 200 shown.</p>" if len(declines) > 200 else "")
+        )
     return "".join(parts)
 
 
