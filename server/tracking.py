@@ -24,6 +24,7 @@ import queue
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -152,6 +153,9 @@ class MlflowBackend:
         state_path: Path,
         resume: bool,
     ) -> None:
+        # MLflow's store chatter (schema migrations, its ORM's deprecations) is not the run's business.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient  # imported only when asked for
 
         self.client = MlflowClient(tracking_uri=uri)
