@@ -342,11 +342,19 @@ def tracking_directory(config: FedChurnConfig, output_dir: Path) -> Path:
 
 
 def start_tracking(config: FedChurnConfig, output_dir: Path, *, run_name: int | str) -> Tracker | None:
-    """A started tracker for the run, with its config logged; None for ``tracking.backend: none``."""
-    settings = config.tracking
-    if settings.backend == "none":
+    """A started tracker for the run, with its config logged; None for ``tracking.backend: none`` (or when it
+    cannot even start: logged, and the run goes on untracked)."""
+    if config.tracking.backend == "none":
         return None
-    name = str(run_name)
+    try:
+        return _start(config, output_dir, name=str(run_name))
+    except Exception as exc:  # tracking never fails a run
+        logger.warning("%s tracking not started (the run goes on): %s", config.tracking.backend, exc)
+        return None
+
+
+def _start(config: FedChurnConfig, output_dir: Path, *, name: str) -> Tracker:
+    settings = config.tracking
     directory = tracking_directory(config, output_dir)
     open_backend: Callable[[], Backend]
     if settings.backend == "tensorboard":
@@ -374,10 +382,12 @@ def start_tracking(config: FedChurnConfig, output_dir: Path, *, run_name: int | 
             )
 
         label = "MLflow"
-    tracker = Tracker(open_backend, label=label)
     params = {key: _param_text(value) for key, value in config_to_run_config(config).items()}
-    tracker.start(params=params, config_yaml=dump_config(config))
-    logger.info("tracking this run with %s (%s)", label, settings.mlflow_uri or directory)
+    config_yaml = dump_config(config)
+    tracker = Tracker(open_backend, label=label)  # last: nothing after it can fail and leave it running
+    tracker.start(params=params, config_yaml=config_yaml)
+    # A server URI may carry credentials: not logged.
+    logger.info("tracking this run with %s (%s)", label, "a tracking server" if settings.mlflow_uri else directory)
     return tracker
 
 

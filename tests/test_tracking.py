@@ -318,6 +318,21 @@ def test_a_missing_library_does_not_fail_a_run(tmp_path: Path, monkeypatch: pyte
     assert (out / "summary.json").is_file()
 
 
+def test_a_tracker_that_cannot_start_leaves_the_run_untracked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fedchurn.server.tracking as tracking
+
+    def refuse(config: Any) -> Any:
+        raise RuntimeError("cannot flatten")
+
+    monkeypatch.setattr(tracking, "config_to_run_config", refuse)
+    with caplog.at_level(logging.WARNING, logger="fedchurn.server.tracking"):
+        assert start_tracking(_config(tmp_path, "mlflow"), tmp_path, run_name=1) is None
+    assert "cannot flatten" in caplog.text and "the run goes on" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # no tracker left behind to write later
+
+
 def test_none_imports_neither_library_and_writes_nothing(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path\n"
@@ -360,3 +375,33 @@ def test_a_relative_directory_is_inside_the_run_folder(tmp_path: Path) -> None:
     tracker = start_tracking(config, out, run_name="r")
     assert tracker is not None and tracker.finish()
     assert list((out / "tb" / "r").glob("events.out.tfevents.*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The wiring: a real simulation on Ray tracks through the ServerApp
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_a_simulation_tracks_every_round_it_records(tmp_path: Path) -> None:
+    from fedchurn.shared.config import SyntheticConfig
+
+    from fedchurn.simulation.driver import plan_simulation, run_simulation
+
+    base = _config(tmp_path, "tensorboard", run_name="sim-tracked")
+    config = dataclasses.replace(
+        base,
+        rounds=2,
+        data=dataclasses.replace(base.data, synthetic=SyntheticConfig(institutions=2, min_rows=300, max_rows=600)),
+        simulation=dataclasses.replace(base.simulation, ray_num_cpus=1),
+        evaluation=dataclasses.replace(base.evaluation, every_rounds=1),
+    )
+    summary = run_simulation(plan_simulation(config))
+    out = Path(config.output_dir)
+    scalars, texts = _read_events(out / "tensorboard" / "sim-tracked")
+    expected = _expected_from_rounds_file(out)
+    assert expected and {k for k in scalars if not k[0].startswith("round/")} == set(expected)
+    assert {step for tag, step in scalars if tag == "round/seconds"} == {1, 2}
+    assert scalars[("round/seconds", 2)] == pytest.approx(summary["seconds_per_round"][1], abs=1e-3)
+    assert "summary/text_summary" in texts
