@@ -131,6 +131,7 @@ class TensorBoardBackend:
     def finish(self, *, summary_json: str | None, status: str) -> None:
         if summary_json is not None:
             self.writer.add_text("summary", _markdown_code(summary_json))
+        self.writer.add_text("status", status)  # FINISHED, or FAILED for a run that ended without a summary
         self.writer.close()
 
 

@@ -155,6 +155,7 @@ def test_tensorboard_events_match_rounds_jsonl(tmp_path: Path) -> None:
     assert {step for tag, step in scalars if tag == "round/seconds"} == {1, 2, 3}
     assert "rounds: 3" in texts["config/text_summary"]
     assert '"run_id": "trial"' in texts["summary/text_summary"]
+    assert texts["status/text_summary"] == "FINISHED"
 
 
 def test_round_scalars_skip_what_is_not_a_finite_number() -> None:
