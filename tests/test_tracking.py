@@ -308,6 +308,16 @@ def test_a_hanging_backend_neither_blocks_rounds_nor_the_end_of_the_run(caplog: 
         gate.set()
 
 
+def test_a_run_that_ends_without_a_summary_is_marked_failed_at_exit() -> None:
+    backend = _Recording()
+    tracker = Tracker(lambda: backend, label="Test")
+    _round(tracker, 1)
+    tracker._at_exit()  # what the interpreter runs at exit when the run raised before its summary
+    assert backend.calls == ["scalars 1", "finish FAILED"]
+    tracker._at_exit()
+    assert tracker.finish() is True and backend.calls == ["scalars 1", "finish FAILED"]  # once
+
+
 def test_a_missing_library_does_not_fail_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if not installed
     config = _config(tmp_path, "tensorboard")
