@@ -183,10 +183,12 @@ def run_reference(config: FedChurnConfig, institutions: int) -> dict[str, Any]:
 def compute_floor(config: FedChurnConfig) -> dict[str, float]:
     """The same DP training in this one process: no Flower, no Ray, no files between rounds."""
     from fedchurn.clients.training import train_locally
-    from fedchurn.shared.data import derive_seed, institution_names, prepare_institution
+    from fedchurn.shared.bank_random import derive_seed
+    from fedchurn.shared.institution_rows import institution_names
     from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
     from fedchurn.shared.partitions import stage_partitions
+    from fedchurn.shared.prepared_institution import prepare_institution
     from fedchurn.shared.privacy import AccountantState
     from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 

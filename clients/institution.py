@@ -23,18 +23,11 @@ from fedchurn.clients.private_evaluation import private_evaluation
 from fedchurn.clients.state import InstitutionState, StateStore
 from fedchurn.clients.training import steps_per_round
 from fedchurn.clients.transfer import train_round_phases
-from fedchurn.shared.bank_random import SeedSource, bank_secret_key, renew_bank_secret_key
+from fedchurn.shared.bank_random import SeedSource, bank_secret_key, derive_seed, renew_bank_secret_key
 from fedchurn.shared.config import FedChurnConfig, config_to_dict
-from fedchurn.shared.data import (
-    PreparedInstitution,
-    UnbalancedSplitError,
-    derive_seed,
-    institution_names,
-    prepare_institution,
-    resolve_schema,
-)
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, Decline
 from fedchurn.shared.errors import FedChurnError, PrivacyError
+from fedchurn.shared.institution_rows import institution_names, resolve_schema
 from fedchurn.shared.ledger import SignedHash
 from fedchurn.shared.model import ChurnModel, build_model, head_state, load_head_state
 from fedchurn.shared.policy import (
@@ -45,9 +38,11 @@ from fedchurn.shared.policy import (
     load_policy,
     policy_for_simulated_bank,
 )
+from fedchurn.shared.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
 from fedchurn.shared.private_metrics import evaluation_settings
 from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
+from fedchurn.shared.splits import UnbalancedSplitError
 from fedchurn.shared.transfer import epochs_per_round
 from fedchurn.shared.wire import WEIGHT_KEY
 from flwr.app import RecordDict

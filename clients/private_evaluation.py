@@ -51,7 +51,7 @@ from flwr.app import RecordDict
 
 if TYPE_CHECKING:
     from fedchurn.clients.institution import Institution
-    from fedchurn.shared.data import PreparedInstitution
+    from fedchurn.shared.prepared_institution import PreparedInstitution
 
 logger = logging.getLogger(__name__)
 

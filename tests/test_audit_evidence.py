@@ -22,7 +22,7 @@ from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config, dump_config
-from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import CONSORTIUM_LEDGER_FILE, InstitutionLedger, JsonlChain
 from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,

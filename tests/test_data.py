@@ -1,4 +1,4 @@
-"""shared/data.py: checked CSV reading, synthetic consortium, splits, preprocessing, schema inference."""
+"""The data pipeline: checked CSV reading, synthetic consortium, secret splits, preprocessing, schema inference."""
 
 from __future__ import annotations
 
@@ -13,27 +13,21 @@ from typing import Literal
 
 import numpy as np
 import pytest
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
-from fedchurn.shared.data import (
-    LABEL_POSITIVE_DEFAULTS,
-    SYNTHETIC_SCHEMA,
-    Preprocessor,
-    RawTable,
-    UnbalancedSplitError,
-    _generate_synthetic,
-    derive_seed,
-    generate_synthetic_institution,
-    infer_schema,
-    institution_names,
-    prepare_institution,
-    read_csv_table,
-    read_institution,
-    resolve_schema,
-    split_institution,
-    synthetic_profile,
-    write_csv,
-)
 from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.institution_rows import institution_names, read_institution, resolve_schema, write_csv
+from fedchurn.shared.prepared_institution import prepare_institution
+from fedchurn.shared.preprocessor import Preprocessor
+from fedchurn.shared.schema_inference import infer_schema
+from fedchurn.shared.splits import UnbalancedSplitError, split_institution
+from fedchurn.shared.synthetic_consortium import (
+    SYNTHETIC_SCHEMA,
+    _generate_synthetic,
+    generate_synthetic_institution,
+    synthetic_profile,
+)
+from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS, RawTable, read_csv_table
 
 SCHEMA = SchemaConfig(
     label="churn",

@@ -32,11 +32,12 @@ from fedchurn.shared.config import (
     default_config,
     dump_config,
 )
-from fedchurn.shared.data import generate_synthetic_institution, prepare_institution, resolve_schema, write_csv
 from fedchurn.shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
 from fedchurn.shared.errors import DataError
+from fedchurn.shared.institution_rows import resolve_schema, write_csv
 from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.metrics import risk_deciles
+from fedchurn.shared.prepared_institution import prepare_institution
 from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
 from fedchurn.shared.private_metrics import (
     BinSpec,
@@ -47,6 +48,7 @@ from fedchurn.shared.private_metrics import (
     score_histogram,
     secure_rng,
 )
+from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 from fedchurn.shared.wire import EVALUATE_METRICS, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from sklearn.metrics import average_precision_score, roc_auc_score

@@ -50,9 +50,9 @@ def _kept_model_auc(out: Path, config: FedChurnConfig, institution: str) -> floa
     import torch
     from fedchurn.clients.evaluation import predict_logits
     from fedchurn.shared.bank_random import bank_secret_key
-    from fedchurn.shared.data import prepare_institution
     from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
+    from fedchurn.shared.prepared_institution import prepare_institution
 
     home = out / "institutions" / institution
     key, created = bank_secret_key(home)

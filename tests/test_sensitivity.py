@@ -25,16 +25,12 @@ from fedchurn.shared.config import (
     config_to_dict,
     config_to_run_config,
 )
-from fedchurn.shared.data import (
-    SYNTHETIC_SCHEMA,
-    Preprocessor,
-    RawTable,
-    generate_synthetic_institution,
-    read_csv_table,
-    split_institution,
-    write_csv,
-)
+from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.model import build_model
+from fedchurn.shared.preprocessor import Preprocessor
+from fedchurn.shared.splits import split_institution
+from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
+from fedchurn.shared.table_checks import RawTable, read_csv_table
 from torch import nn
 
 C = 1.0  # clipping norm

@@ -67,9 +67,9 @@ def _exact_test_auc(out: Path, name: str) -> float:
     import torch
     from fedchurn.clients.evaluation import predict_logits
     from fedchurn.shared.config import load_config
-    from fedchurn.shared.data import prepare_institution
     from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
+    from fedchurn.shared.prepared_institution import prepare_institution
 
     config = load_config(out / "config.yaml")
     data = prepare_institution(config, name)  # reproducible_noise: the bank split with the seed-derived key too
@@ -96,7 +96,7 @@ def test_per_round_records_and_artifacts(two_runs) -> None:
 
 
 def _features() -> tuple[str, ...]:
-    from fedchurn.shared.data import SYNTHETIC_SCHEMA
+    from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA
 
     return SYNTHETIC_SCHEMA.feature_names
 

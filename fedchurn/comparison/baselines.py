@@ -23,9 +23,10 @@ import torch
 
 from fedchurn.clients.evaluation import evaluate
 from fedchurn.clients.training import steps_per_round, train_locally
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
-from fedchurn.shared.data import PreparedInstitution, derive_seed, prepare_institution
 from fedchurn.shared.model import ChurnModel, build_model, encoder_arrays, load_encoder_arrays
+from fedchurn.shared.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.shared.privacy import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
 
 
