@@ -189,7 +189,7 @@ def compute_floor(config: FedChurnConfig) -> dict[str, float]:
     from fedchurn.shared.model import build_model
     from fedchurn.shared.partitions import stage_partitions
     from fedchurn.shared.prepared_institution import prepare_institution
-    from fedchurn.shared.privacy import AccountantState
+    from fedchurn.shared.privacy_accounting import AccountantState
     from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 
     torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from fedchurn.shared.ledger_signing import (
     load_signer,
     parse_countersignature,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 from fedchurn.shared.provenance import library_versions
 from fedchurn.shared.transfer import epochs_per_round
 

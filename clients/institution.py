@@ -39,7 +39,13 @@ from fedchurn.shared.policy import (
     policy_for_simulated_bank,
 )
 from fedchurn.shared.prepared_institution import PreparedInstitution, prepare_institution
-from fedchurn.shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
+from fedchurn.shared.privacy_accounting import (
+    AccountantState,
+    check_delta,
+    epsilon_of,
+    noise_multiplier_after,
+    sample_rate_for,
+)
 from fedchurn.shared.private_metrics import evaluation_settings
 from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 from fedchurn.shared.splits import UnbalancedSplitError

@@ -37,7 +37,7 @@ from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.model import ChurnModel
-from fedchurn.shared.privacy import epsilon_of
+from fedchurn.shared.privacy_accounting import epsilon_of
 from fedchurn.shared.private_metrics import (
     EvaluationSettings,
     histogram_auc,

@@ -31,7 +31,7 @@ from fedchurn.shared.ledger_signing import (
     load_or_create_signer,
     load_signer,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, compute_epsilon, epsilon_of
 from fedchurn.shared.wire import from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 

@@ -120,7 +120,8 @@ def test_supports_only_linear_models() -> None:
 
 
 def test_make_private_vectorized_accounts_every_step_and_detaches() -> None:
-    from fedchurn.shared.privacy import AccountantState, compute_epsilon, epsilon_of, make_private
+    from fedchurn.shared.privacy import make_private
+    from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of
     from torch.utils.data import DataLoader
 
     x, y = _batch(rows=200)

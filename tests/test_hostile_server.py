@@ -33,7 +33,7 @@ from fedchurn.shared.decline import is_decline, read_decline
 from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.prepared_institution import prepare_institution
-from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict

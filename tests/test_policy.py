@@ -20,7 +20,7 @@ from fedchurn.shared.policy import (
     load_policy,
     policy_for_simulated_bank,
 )
-from fedchurn.shared.privacy import (
+from fedchurn.shared.privacy_accounting import (
     AccountantState,
     compute_epsilon,
     epsilon_of,

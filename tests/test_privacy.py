@@ -13,19 +13,17 @@ import pytest
 import torch
 from fedchurn.shared.config import PrivacyConfig
 from fedchurn.shared.errors import PrivacyError
-from fedchurn.shared.privacy import (
+from fedchurn.shared.privacy import PrivateTraining, make_private, unwrap
+from fedchurn.shared.privacy_accounting import (
     ACCOUNTANTS,
     AccountantState,
     MechanismStep,
-    PrivateTraining,
     check_delta,
     compute_epsilon,
     epsilon_of,
-    make_private,
     noise_multiplier_for,
     resolve_noise_multiplier,
     sample_rate_for,
-    unwrap,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -29,7 +29,7 @@ from fedchurn.shared.errors import ConfigError
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import GENESIS, InstitutionLedger, canonical_json
 from fedchurn.shared.prepared_institution import prepare_institution
-from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 

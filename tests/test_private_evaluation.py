@@ -38,7 +38,13 @@ from fedchurn.shared.institution_rows import resolve_schema, write_csv
 from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.metrics import risk_deciles
 from fedchurn.shared.prepared_institution import prepare_institution
-from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
+from fedchurn.shared.privacy_accounting import (
+    AccountantState,
+    MechanismStep,
+    compute_epsilon,
+    epsilon_of,
+    sample_rate_for,
+)
 from fedchurn.shared.private_metrics import (
     BinSpec,
     histogram_auc,

@@ -19,7 +19,7 @@ from fedchurn.shared.config import FedChurnConfig, StrategyConfig, SyntheticConf
 from fedchurn.shared.errors import CheckpointError, ConfigError
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.prepared_institution import prepare_institution
-from fedchurn.shared.privacy import AccountantState, compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, sample_rate_for
 from fedchurn.shared.sharing import initial_shared_arrays, load_shared_arrays, outgoing_arrays, split_shared
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict

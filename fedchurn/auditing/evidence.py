@@ -35,7 +35,7 @@ from fedchurn.shared.ledger_signing import (
     load_signer,
     verify,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 
 if TYPE_CHECKING:
     from fedchurn.auditing.run_audit import InstitutionAudit

@@ -47,7 +47,7 @@ from fedchurn.shared.ledger import (
     JsonlChain,
     LedgerError,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 
 __all__ = [
     "BELOW_PLD_TOLERANCE",

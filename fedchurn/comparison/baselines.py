@@ -27,7 +27,7 @@ from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.model import ChurnModel, build_model, encoder_arrays, load_encoder_arrays
 from fedchurn.shared.prepared_institution import PreparedInstitution, prepare_institution
-from fedchurn.shared.privacy import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
+from fedchurn.shared.privacy_accounting import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
 
 
 def fresh_model(config: FedChurnConfig, *, input_dim: int) -> ChurnModel:
