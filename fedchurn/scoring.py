@@ -28,6 +28,7 @@ from fedchurn.clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FIL
 from fedchurn.shared.calibration import Calibrator
 from fedchurn.shared.config import FedChurnConfig, load_config
 from fedchurn.shared.errors import CheckpointError, DataError, FedChurnError
+from fedchurn.shared.institution_file import read_csv_table
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.metrics import brier_score, calibration_table, expected_calibration_error, risk_deciles, roc_auc
 from fedchurn.shared.model import (
@@ -40,7 +41,6 @@ from fedchurn.shared.model import (
 )
 from fedchurn.shared.preprocessor import Preprocessor
 from fedchurn.shared.sharing import GLOBAL_HEAD_FILE
-from fedchurn.shared.table_checks import read_csv_table
 from fedchurn.shared.table_io import read_csv_text
 
 CONFIG_FILE = "config.yaml"

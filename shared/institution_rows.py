@@ -12,9 +12,10 @@ from pathlib import Path
 
 from fedchurn.shared.config import DataConfig, SchemaConfig
 from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.institution_file import institution_first_lines, read_csv_table
 from fedchurn.shared.partitions import read_manifest
+from fedchurn.shared.raw_table import RawTable
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution, synthetic_name
-from fedchurn.shared.table_checks import RawTable, institution_first_lines, read_csv_table
 
 
 def resolve_schema(data: DataConfig) -> SchemaConfig:

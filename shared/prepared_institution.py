@@ -12,9 +12,9 @@ from fedchurn.shared.errors import DataError
 from fedchurn.shared.institution_rows import read_institution
 from fedchurn.shared.partitions import load_partition
 from fedchurn.shared.preprocessor import Preprocessor
+from fedchurn.shared.raw_table import RawTable
 from fedchurn.shared.row_identity import file_fingerprint, table_fingerprint
 from fedchurn.shared.splits import split_institution
-from fedchurn.shared.table_checks import RawTable
 
 logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 

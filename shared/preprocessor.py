@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from fedchurn.shared.config import SchemaConfig
 from fedchurn.shared.errors import ConfigError, DataError
-from fedchurn.shared.table_checks import RawTable
+from fedchurn.shared.raw_table import RawTable
 
 # A declared range maps onto [-2, 2]: about the spread standardised features had (±2 sd holds ~95% of a column),
 # which the default learning rate and clipping norm were tuned for.

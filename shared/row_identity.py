@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedchurn.shared.errors import DataError
-from fedchurn.shared.table_checks import RawTable
+from fedchurn.shared.raw_table import RawTable
 
 __all__ = ["file_fingerprint", "row_bytes", "rows_fingerprint", "table_fingerprint"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import SchemaConfig, SyntheticConfig
-from fedchurn.shared.table_checks import RawTable
+from fedchurn.shared.raw_table import RawTable
 
 _REGIONS = ("north", "south", "east", "west", "central")
 _CARD_TIERS = ("blue", "silver", "gold", "platinum")

@@ -16,9 +16,11 @@ import pytest
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
 from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.institution_file import read_csv_table
 from fedchurn.shared.institution_rows import institution_names, read_institution, resolve_schema, write_csv
 from fedchurn.shared.prepared_institution import prepare_institution
 from fedchurn.shared.preprocessor import Preprocessor
+from fedchurn.shared.raw_table import RawTable
 from fedchurn.shared.schema_inference import infer_schema
 from fedchurn.shared.splits import UnbalancedSplitError, split_institution
 from fedchurn.shared.synthetic_consortium import (
@@ -27,7 +29,7 @@ from fedchurn.shared.synthetic_consortium import (
     generate_synthetic_institution,
     synthetic_profile,
 )
-from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS, RawTable, read_csv_table
+from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS
 
 SCHEMA = SchemaConfig(
     label="churn",

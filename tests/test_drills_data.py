@@ -96,7 +96,7 @@ def _files(tmp_path: Path) -> list[Path]:
 
 def test_non_finite_cells_are_imputed_dropped_or_refused_like_blank_ones(tmp_path: Path) -> None:
     from fedchurn.shared.errors import DataError
-    from fedchurn.shared.table_checks import read_csv_table
+    from fedchurn.shared.institution_file import read_csv_table
 
     for path in _files(tmp_path):
         imputed = read_csv_table(path, _schema(), institution="a", missing_values="impute")  # type: ignore[arg-type]
@@ -116,7 +116,7 @@ def test_non_finite_cells_are_imputed_dropped_or_refused_like_blank_ones(tmp_pat
 
 def test_a_cell_that_is_no_number_is_still_an_error(tmp_path: Path) -> None:
     from fedchurn.shared.errors import DataError
-    from fedchurn.shared.table_checks import read_csv_table
+    from fedchurn.shared.institution_file import read_csv_table
 
     path = tmp_path / "bank.csv"
     path.write_text(_ROWS.replace("500", "5OO"))  # a typo is no missing value: imputing it would hide it

@@ -25,12 +25,13 @@ from fedchurn.shared.config import (
     config_to_dict,
     config_to_run_config,
 )
+from fedchurn.shared.institution_file import read_csv_table
 from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.model import build_model
 from fedchurn.shared.preprocessor import Preprocessor
+from fedchurn.shared.raw_table import RawTable
 from fedchurn.shared.splits import split_institution
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
-from fedchurn.shared.table_checks import RawTable, read_csv_table
 from torch import nn
 
 C = 1.0  # clipping norm
