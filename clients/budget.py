@@ -16,8 +16,9 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedchurn.clients.institution_identity import Institution
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.ledger import InstitutionLedger, SignedHash
@@ -31,9 +32,6 @@ from fedchurn.shared.ledger_signing import (
 from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 from fedchurn.shared.provenance import library_versions
 from fedchurn.shared.transfer import epochs_per_round
-
-if TYPE_CHECKING:  # clients.institution calls into this module
-    from fedchurn.clients.institution import Institution
 
 logger = logging.getLogger(__name__)
 

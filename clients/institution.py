@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from fedchurn.clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
+from fedchurn.clients.institution_identity import Institution
+from fedchurn.clients.policy_check import check_instruction
 from fedchurn.clients.private_evaluation import private_evaluation
 from fedchurn.clients.state import InstitutionState, StateStore
 from fedchurn.clients.training import steps_per_round
@@ -34,7 +36,6 @@ from fedchurn.shared.policy import (
     CONSERVATIVE_POLICY,
     POLICY_TOO_MANY_ROUNDS,
     BankPolicy,
-    check_instruction,
     load_policy,
     policy_for_simulated_bank,
 )
@@ -64,16 +65,6 @@ NODE_LEDGER_KEY = "ledger-key"  # optional: the SuperNode's node-auth private ke
 # Node-config keys Flower's simulation gives each virtual node.
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
-
-
-@dataclass(frozen=True)
-class Institution:
-    name: str
-    config: FedChurnConfig  # the run's config, with the data section as this institution sees it
-    state_dir: Path
-    real_bank: bool = False  # a real SuperNode (node config names the institution), not a simulated one
-    policy: BankPolicy = CONSERVATIVE_POLICY  # the bank's own rules (shared/policy.py)
-    ledger_key: Path | None = None  # None: a key generated once in state_dir (shared/ledger_signing.py)
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from fedchurn.clients.budget import bank_signer, lifetime_cap, lifetime_history
 from fedchurn.clients.evaluation import predict_logits
+from fedchurn.clients.institution_identity import Institution
 from fedchurn.clients.state import InstitutionState, StateStore
 from fedchurn.shared.calibration import Calibrator, decile_thresholds, fit_platt_histogram
 from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline
@@ -50,7 +51,6 @@ from fedchurn.shared.provenance import library_versions
 from flwr.app import RecordDict
 
 if TYPE_CHECKING:
-    from fedchurn.clients.institution import Institution
     from fedchurn.shared.prepared_institution import PreparedInstitution
 
 logger = logging.getLogger(__name__)

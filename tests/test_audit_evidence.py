@@ -36,7 +36,8 @@ from fedchurn.shared.wire import from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedchurn.auditing.evidence import check_what_ran, lifetime_epsilon
-from fedchurn.auditing.run_audit import InstitutionAudit, audit_run
+from fedchurn.auditing.findings import InstitutionAudit
+from fedchurn.auditing.run_audit import audit_run
 from fedchurn.cli.main import main
 
 ROUNDS = 3

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from fedchurn.clients.policy_check import check_instruction
 from fedchurn.shared.config import (
     ConfigError,
     apply_overrides,
@@ -13,13 +14,7 @@ from fedchurn.shared.config import (
     config_to_run_config,
     default_config,
 )
-from fedchurn.shared.policy import (
-    CONSERVATIVE_POLICY,
-    BankPolicy,
-    check_instruction,
-    load_policy,
-    policy_for_simulated_bank,
-)
+from fedchurn.shared.policy import CONSERVATIVE_POLICY, BankPolicy, load_policy, policy_for_simulated_bank
 from fedchurn.shared.privacy_accounting import (
     AccountantState,
     compute_epsilon,
