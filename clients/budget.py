@@ -2,7 +2,7 @@
 
 A bank's ε is a lifetime figure: its ledger (``state_dir/ledger.sqlite``, on its own disk) holds every mechanism
 it ever ran — training rounds and evaluation releases, of every run and run name — each with the fingerprint of
-the rows it ran on (``shared/row_identity``). The ε it checks, plans with and reports is the composition of ALL
+the rows it ran on (``clients/row_identity``). The ε it checks, plans with and reports is the composition of ALL
 records with the current dataset's fingerprint; no run name, resume or config resets it.
 
 Before training, the bank projects its lifetime ε after this round — that history plus exactly the steps this

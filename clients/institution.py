@@ -21,7 +21,10 @@ import torch
 from fedchurn.clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
 from fedchurn.clients.institution_identity import Institution
 from fedchurn.clients.policy_check import check_instruction
+from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.clients.private_evaluation import private_evaluation
+from fedchurn.clients.private_metrics import evaluation_settings
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.clients.state import InstitutionState, StateStore
 from fedchurn.clients.training import steps_per_round
 from fedchurn.clients.transfer import train_round_phases
@@ -39,7 +42,6 @@ from fedchurn.shared.policy import (
     load_policy,
     policy_for_simulated_bank,
 )
-from fedchurn.shared.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.shared.privacy_accounting import (
     AccountantState,
     check_delta,
@@ -47,9 +49,7 @@ from fedchurn.shared.privacy_accounting import (
     noise_multiplier_after,
     sample_rate_for,
 )
-from fedchurn.shared.private_metrics import evaluation_settings
 from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
-from fedchurn.shared.splits import UnbalancedSplitError
 from fedchurn.shared.transfer import epochs_per_round
 from fedchurn.shared.wire import WEIGHT_KEY
 from flwr.app import RecordDict

@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedchurn.clients.calibration import Calibrator
 from fedchurn.clients.evaluation import predict_logits
+from fedchurn.clients.metrics import brier_score, calibration_table, expected_calibration_error, risk_deciles, roc_auc
+from fedchurn.clients.preprocessor import Preprocessor
 from fedchurn.clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FILE
-from fedchurn.shared.calibration import Calibrator
 from fedchurn.shared.config import FedChurnConfig, load_config
 from fedchurn.shared.errors import CheckpointError, DataError, FedChurnError
 from fedchurn.shared.institution_file import read_csv_table
 from fedchurn.shared.institution_rows import resolve_schema
-from fedchurn.shared.metrics import brier_score, calibration_table, expected_calibration_error, risk_deciles, roc_auc
 from fedchurn.shared.model import (
     ChurnModel,
     build_model,
@@ -39,7 +40,6 @@ from fedchurn.shared.model import (
     load_encoder_checkpoint,
     load_head_state,
 )
-from fedchurn.shared.preprocessor import Preprocessor
 from fedchurn.shared.sharing import GLOBAL_HEAD_FILE
 from fedchurn.shared.table_io import read_csv_text
 

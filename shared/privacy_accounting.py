@@ -6,7 +6,7 @@ together: neither the per-round ε (what a new engine per round reports, as Flow
 sum of per-round ε (a valid but very loose bound). The guarantee is per customer row, add/remove adjacency, and
 assumes Poisson sampling (each row joins each batch independently with probability q).
 
-Besides the DP-SGD training module (shared/privacy.py), this is the only module that imports Opacus: its
+Besides the DP-SGD training module (clients/private_training.py), this is the only module that imports Opacus: its
 accountants (RDP, PRV) and its σ search, nothing of its training engine.
 """
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
 from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.prepared_institution import prepare_institution
 from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedchurn.shared.schema_inference import infer_schema
+
+from fedchurn.schema_inference import infer_schema
 
 
 def _csv(path: Path, bad: str) -> Path:
@@ -34,9 +35,9 @@ def test_a_missing_or_non_finite_cell_keeps_the_numeric_column(tmp_path: Path, b
 
 @pytest.mark.parametrize("bad", ["NaN", "inf"])
 def test_a_non_finite_cell_follows_missing_values(tmp_path: Path, bad: str) -> None:
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.config import SchemaConfig, default_config
     from fedchurn.shared.errors import FedChurnError
-    from fedchurn.shared.prepared_institution import prepare_institution
 
     path = _csv(tmp_path / "customers.csv", bad)
     schema = SchemaConfig(

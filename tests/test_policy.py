@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fedchurn.clients.policy_check import check_instruction
+from fedchurn.clients.row_identity import file_fingerprint
 from fedchurn.shared.config import (
     ConfigError,
     apply_overrides,
@@ -22,7 +23,6 @@ from fedchurn.shared.privacy_accounting import (
     noise_multiplier_after,
     noise_multiplier_for,
 )
-from fedchurn.shared.row_identity import file_fingerprint
 
 
 def test_a_policy_file_fills_missing_keys_conservatively_and_refuses_unknown_ones(tmp_path: Path) -> None:

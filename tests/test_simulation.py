@@ -66,10 +66,10 @@ def _exact_test_auc(out: Path, name: str) -> float:
     """AUC of the institution's kept model on its exact test rows (the bank's own view; never sent)."""
     import torch
     from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.clients.metrics import roc_auc
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.config import load_config
-    from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
-    from fedchurn.shared.prepared_institution import prepare_institution
 
     config = load_config(out / "config.yaml")
     data = prepare_institution(config, name)  # reproducible_noise: the bank split with the seed-derived key too

@@ -11,7 +11,7 @@ ACCOUNTANT_CHOICES = ("rdp", "prv", "pld")
 
 
 def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """rdp/prv: Opacus (shared/privacy); pld: Google's dp-accounting (fedchurn/auditing/independent_accounting)."""
+    """ε: rdp/prv from Opacus' accountants (shared/privacy_accounting), pld from dp-accounting (fedchurn/auditing)."""
     if accountant == "pld":
         from fedchurn.auditing.independent_accounting import pld_epsilon
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedchurn.clients.prepared_institution import prepare_institution
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.shared.config import FedChurnConfig, config_to_run_config
 from fedchurn.shared.errors import FedChurnError, SimulationError
 from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.partitions import remove_partitions, stage_partitions
-from fedchurn.shared.prepared_institution import prepare_institution
-from fedchurn.shared.splits import UnbalancedSplitError
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fedchurn.shared import dp_sgd
+from fedchurn.clients import dp_sgd
 from fedchurn.shared.errors import PrivacyError
 from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep
 from opacus import PrivacyEngine
@@ -104,7 +104,7 @@ def make_private(
     ``data_loader.generator`` if set and otherwise, like the noise, torch's global RNG (``torch.manual_seed``).
     ``secure_mode`` is off: pseudo-random noise is fine for research, not for a production guarantee.
 
-    ``implementation="vectorized"`` runs the same mechanism without Opacus' per-sample hooks (``shared/dp_sgd.py``:
+    ``implementation="vectorized"`` runs the same mechanism without Opacus' per-sample hooks (``clients/dp_sgd.py``:
     exact per-row norms for MLPs); a model it cannot handle falls back to Opacus, with a log line.
     """
     if implementation not in IMPLEMENTATIONS:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from fedchurn.clients.row_identity import row_bytes
 from fedchurn.shared.bank_random import row_coin
 from fedchurn.shared.errors import ConfigError, DataError
 from fedchurn.shared.raw_table import RawTable
-from fedchurn.shared.row_identity import row_bytes
 
 _MIN_PER_CLASS = 3  # one positive and one negative in each of train, validation and test
 

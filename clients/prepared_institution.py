@@ -6,15 +6,15 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.clients.row_identity import file_fingerprint, table_fingerprint
+from fedchurn.clients.splits import split_institution
 from fedchurn.shared.bank_random import reproducible_key
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.institution_rows import read_institution
 from fedchurn.shared.partitions import load_partition
-from fedchurn.shared.preprocessor import Preprocessor
 from fedchurn.shared.raw_table import RawTable
-from fedchurn.shared.row_identity import file_fingerprint, table_fingerprint
-from fedchurn.shared.splits import split_institution
 
 logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
@@ -33,7 +33,7 @@ class PreparedInstitution:
     missing_imputed: int = 0  # blank cells filled with declared values (bounds midpoint; all-zero category)
     rows_dropped: int = 0  # rows dropped for blank cells (missing_values="drop")
     source: str = field(default="")  # where the rows came from (file path or "synthetic")
-    fingerprint: str = ""  # SHA-256 of the institution's rows (shared/row_identity): its ledger's dataset
+    fingerprint: str = ""  # SHA-256 of the institution's rows (clients/row_identity): its ledger's dataset
 
 
 def prepare_institution(
