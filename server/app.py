@@ -16,9 +16,10 @@ from fedchurn.server.resume import ResumableRun, check_new_run_folder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.server.tracking import start_tracking
 from fedchurn.server.warmup import warm_up_nodes
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
-from fedchurn.shared.data import derive_seed, resolve_schema
 from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.model import build_model, encoder_arrays, save_encoder_checkpoint
 from fedchurn.shared.provenance import library_versions, load_checked_encoder
 from fedchurn.shared.sharing import initial_shared_arrays, save_global_head, split_shared

@@ -60,7 +60,7 @@ def add_run_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedChurnConfig:
-    from fedchurn.shared.data import infer_schema
+    from fedchurn.schema_inference import infer_schema
 
     missing = [
         flag

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedchurn.clients.prepared_institution import prepare_institution
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.shared.config import FedChurnConfig, config_to_run_config
-from fedchurn.shared.data import UnbalancedSplitError, institution_names, prepare_institution
 from fedchurn.shared.errors import FedChurnError, SimulationError
+from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.partitions import remove_partitions, stage_partitions
 
 logger = logging.getLogger(__name__)
