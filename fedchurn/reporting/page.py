@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedchurn.reporting import charts
+import fedchurn.reporting.charts as charts
 from fedchurn.reporting.run_folder import RunFolder, evaluation_sigma, lifetime_cap, read_run_folder
 
 logger = logging.getLogger(__name__)
