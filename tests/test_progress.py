@@ -214,8 +214,9 @@ def _small_config(tmp_path: Path, **overrides: Any) -> Any:
 
 
 def test_dry_run_plan_uses_the_rows_steps_and_accounting_of_a_round(tmp_path: Path) -> None:
-    from fedchurn.shared.data import institution_names, prepare_institution
-    from fedchurn.shared.privacy import compute_epsilon
+    from fedchurn.clients.prepared_institution import prepare_institution
+    from fedchurn.shared.institution_rows import institution_names
+    from fedchurn.shared.privacy_accounting import compute_epsilon
 
     from fedchurn.simulation.dry_run import plan_banks
 
@@ -242,7 +243,7 @@ def test_dry_run_plan_uses_the_rows_steps_and_accounting_of_a_round(tmp_path: Pa
 
 
 def test_dry_run_plans_sigma_for_the_target_from_n(tmp_path: Path) -> None:
-    from fedchurn.shared.data import institution_names
+    from fedchurn.shared.institution_rows import institution_names
 
     from fedchurn.simulation.dry_run import plan_banks
 
@@ -311,7 +312,7 @@ def test_rdp_epsilon_with_cached_curves_is_exactly_opacus() -> None:
     import random
     import warnings
 
-    from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+    from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
     from opacus.accountants import RDPAccountant
 
     rng = random.Random(7)

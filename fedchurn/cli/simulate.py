@@ -61,7 +61,7 @@ def add_run_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedChurnConfig:
-    from fedchurn.shared.data import infer_schema
+    from fedchurn.schema_inference import infer_schema
 
     missing = [
         flag
@@ -303,4 +303,6 @@ def _run(args: argparse.Namespace) -> int:
         f"Run took {took:.1f} s (wall time since the command started: start-up, data checks, Ray and workers, "
         f"{summary['rounds']} rounds ({rounds_seconds:.1f} s), saving). Results: {plan.config.output_dir}/summary.json"
     )
+    if (Path(plan.config.output_dir) / "report.html").is_file():
+        print(f"Report: {plan.config.output_dir}/report.html")
     return 0

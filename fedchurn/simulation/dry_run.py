@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedchurn.clients.budget import lifetime_cap, lifetime_history
-from fedchurn.clients.institution import Institution
+from fedchurn.clients.institution_identity import Institution
+from fedchurn.clients.prepared_institution import prepare_institution
+from fedchurn.clients.private_metrics import evaluation_settings
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.clients.training import steps_per_round
 from fedchurn.progress import report_stage
 from fedchurn.shared.config import FedChurnConfig
-from fedchurn.shared.data import UnbalancedSplitError, prepare_institution
 from fedchurn.shared.errors import PrivacyError
 from fedchurn.shared.ledger import LEDGER_FILE
 from fedchurn.shared.policy import policy_for_simulated_bank
-from fedchurn.shared.privacy import AccountantState, epsilon_of, noise_multiplier_after, sample_rate_for
-from fedchurn.shared.private_metrics import evaluation_settings
+from fedchurn.shared.privacy_accounting import AccountantState, epsilon_of, noise_multiplier_after, sample_rate_for
 from fedchurn.shared.transfer import epochs_per_round
 
 __all__ = ["BankPlan", "plan_banks"]
