@@ -272,6 +272,7 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    report_stage("writing report.html")
     from fedchurn.reporting import write_report_safely
 
     write_report_safely(output_dir)  # report.html; a failure is logged, never the run's
