@@ -15,6 +15,7 @@ from fedchurn.server.report import RunRecorder
 from fedchurn.server.resume import ResumableRun, check_new_run_folder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.server.warmup import warm_up_nodes
+from fedchurn.shared.app_logging import log_through_flower
 from fedchurn.shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
 from fedchurn.shared.data import derive_seed, resolve_schema
 from fedchurn.shared.errors import FedChurnError
@@ -164,6 +165,8 @@ def make_server_app(
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
         # A simulation (run_config bound) checks its folder (simulate --overwrite) and its outcome itself.
         real = run_config is None
+        if real:
+            log_through_flower()  # `flwr run`: one line per round, printed once, among Flower's
         summary = run_federation(
             grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop, warm_up=warm_up
         )

@@ -218,7 +218,7 @@ def test_the_old_noise_regeneration_attack_no_longer_works(tmp_path: Path, bank_
     ("overrides", "code"),
     [
         ({"privacy.enabled": False}, "policy-dp-required"),
-        ({"privacy.noise_multiplier": 0.01}, "policy-noise-too-low"),
+        ({"privacy.noise_multiplier": 0.5}, "policy-noise-too-low"),
         ({"privacy.delta": 1.0e-3}, "policy-delta-too-high"),
         ({"privacy.clipping_norm": 50.0}, "policy-clipping-too-high"),
         ({"transfer.mode": "fedavg"}, "policy-mode-not-allowed"),

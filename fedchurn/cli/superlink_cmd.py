@@ -21,7 +21,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--tls", required=True, help="folder with server.pem, server.key, ca.crt (fedchurn pki server)")
     parser.add_argument("--database", required=True, help="SQLite file: runs and registered nodes survive restarts")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
+    parser.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the Fleet API port banks connect to")
     parser.add_argument("--log-file", help="also write the SuperLink's log here")
     parser.set_defaults(handler=run)
 

@@ -27,6 +27,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,6 +63,7 @@ FLWR_HOME_ENV = "FLWR_HOME"
 FLWR_CONFIG_FILE = "config.toml"
 CLI_TIMEOUT_S = 60.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS_DIR = Path(sys.executable).parent  # where this install's console scripts (flwr, flower-superlink) live
 
 
 class FederationError(FedChurnError):
@@ -72,14 +74,28 @@ def flower_environment(flwr_home: Path | None = None) -> dict[str, str]:
     """This process's environment plus ``FLOWER_ENVIRONMENT`` (and ``FLWR_HOME`` when given)."""
     env = dict(os.environ)
     env.update(FLOWER_ENVIRONMENT)
+    # Flower's processes start one another by name (the SuperLink its flwr-serverapp, ...): find this install's
+    # first, also when its environment was never activated (``.venv/bin/python -m ...``).
+    scripts = str(SCRIPTS_DIR)
+    if scripts not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (scripts, env.get("PATH", "")) if p)
     if flwr_home is not None:
         env[FLWR_HOME_ENV] = str(flwr_home)
     return env
 
 
+def find_executable(name: str) -> str | None:
+    """The full path of a command installed with this Python (beside the interpreter, whether or not its
+    environment is activated), else found on PATH; None when neither has it."""
+    beside = SCRIPTS_DIR / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
 def executable(name: str) -> str:
     """The full path of a Flower command, or a clear error when Flower is not installed here."""
-    found = shutil.which(name)
+    found = find_executable(name)
     if found is None:
         raise FederationError(f"'{name}' not found on PATH: install the project (pip install -e .) in this Python")
     return found

@@ -54,6 +54,35 @@ def _ray_executable() -> str:
     return found
 
 
+def own_session_dir() -> Path | None:
+    """The session folder (``<temp dir>/session_<date>_<pid>``) of the Ray this process started with
+    ``ray.init()``: read while Ray runs (Flower's backend shuts Ray down before the run returns). None when it
+    cannot be told (Ray's node object is internal; a Ray version without it just leaves its folder)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        path = node.get_session_dir_path() if node is not None else None
+    except Exception:  # an internal attribute: absent or renamed in another Ray version
+        logger.debug("could not tell Ray's session folder; it is left in place", exc_info=True)
+        return None
+    return Path(path) if path else None
+
+
+def remove_session_dir(session_dir: Path | None) -> None:
+    """After ``ray.shutdown()``: remove the session folder a local Ray of this process wrote (logs, sockets,
+    runtime environments), and the ``session_latest`` link beside it when it points there. Only that path: other
+    sessions in the same temp dir (other runs, a cluster this process attached to) are not touched."""
+    if session_dir is None or not session_dir.name.startswith("session_") or not session_dir.is_dir():
+        return
+    latest = session_dir.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.readlink(latest)).name == session_dir.name:
+            latest.unlink()
+    shutil.rmtree(session_dir, ignore_errors=True)
+    logger.debug("removed Ray's session folder %s", session_dir)
+
+
 class RayHead:
     """``with RayHead(num_cpus=2) as head: run_simulation(..., ray_address=head.address)``."""
 
