@@ -75,7 +75,7 @@ def run_federation(
     start_arrays = resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
     run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    (output_dir / CONFIG_FILE).write_text(dump_config(config, relative_to=output_dir), encoding="utf-8")
 
     recorder = RunRecorder(output_dir, rounds=config.rounds)
     if members is None and config.federation.members:

@@ -4,6 +4,7 @@ inputs, a noise floor and δ below 1/n, one default consortium size, Ray's sessi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
@@ -136,7 +138,12 @@ def test_a_flower_app_process_prints_fedchurn_records_through_flowers_handler(
     from fedchurn.shared.app_logging import log_through_flower
 
     package = logging.getLogger("fedchurn")
-    package.handlers[:] = []
+    package.handlers[:] = []  # a process Flower starts: nothing configured yet
+    package.setLevel(logging.NOTSET)
+    package.propagate = True
+    progress = logging.getLogger("fedchurn.progress")
+    progress.handlers[:] = []
+    progress.propagate = True
     flower_handler = logging.StreamHandler(sys.stderr)
     flwr = logging.getLogger("flwr")
     flwr.handlers[:] = [flower_handler]
@@ -311,3 +318,71 @@ def test_flowers_commands_are_found_beside_this_python_without_an_activated_envi
     found = find_executable("flower-superlink")
     assert found is not None and Path(found).parent == Path(sys.executable).parent
     assert flower_environment()["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+# --------------------------------------------------------------------------------------------------
+# Written configs keep the template's comments and relative paths, and read back identically
+# --------------------------------------------------------------------------------------------------
+
+
+def _rich_config(tmp_path: Path) -> Any:
+    from fedchurn.shared.config import SchemaConfig
+
+    base = default_config()
+    schema = SchemaConfig(
+        label="churn",
+        positive="yes",
+        numeric=("age", "balance"),
+        categorical={"region": ("north", "south #2"), "card": ("blue", "gold: premium")},
+        drop=("customer_id",),
+    )
+    files = {"bank one": str(tmp_path / "data" / "one.csv"), "bank-2$": str(tmp_path / "data" / "two.csv")}
+    data = dataclasses.replace(base.data, source="csv", institution_files=files, schema=schema)
+    config = dataclasses.replace(base, data=data, seed=42, rounds=3)
+    return apply_overrides(
+        config,
+        {
+            "privacy.noise_multiplier": 2.5,
+            "budget.institution_epsilon": {"bank one": 3.0},
+            "policy.institutions": {"bank-2$": {"min_noise_multiplier": 1.0}},
+            "model.encoder_checkpoint": str(tmp_path / "pretrained" / "encoder.pt"),
+        },
+    )
+
+
+def test_a_written_config_keeps_the_templates_comments_with_the_users_values(tmp_path: Path) -> None:
+    from fedchurn.shared.config import DEFAULT_CONFIG_YAML, config_from_dict, dump_config, load_yaml
+
+    config = _rich_config(tmp_path)
+    text = dump_config(config)
+    assert config_from_dict(load_yaml(text)) == config
+    lines = text.splitlines()
+    sigma = next(line for line in lines if line.strip().startswith("noise_multiplier: 2.5"))
+    assert sigma.endswith("# or null, with target_epsilon for the whole run")
+    # Every comment of the embedded default is kept (on its key's line or the lines after it).
+    template_comments = [line.split("#", 1)[1].strip() for line in DEFAULT_CONFIG_YAML.splitlines() if "#" in line]
+    kept = [line.split("#", 1)[1].strip() for line in lines if "#" in line]
+    missing = [c for c in template_comments[2:] if c not in kept]  # [2:]: the template's own title lines
+    assert missing == []
+
+
+def test_a_written_config_stores_paths_relative_to_its_file_and_reads_back_identically(tmp_path: Path) -> None:
+    from fedchurn.shared.config import dump_config, load_config
+
+    config = _rich_config(tmp_path)
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    path = run / "config.yaml"
+    path.write_text(dump_config(config, relative_to=run), encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    assert str(tmp_path) not in text  # no absolute path of this machine
+    assert "../../data/one.csv" in text and "encoder_checkpoint: ../../pretrained/encoder.pt" in text
+    assert load_config(path) == config  # what resume (server/resume.py) and the audit read back
+
+
+def test_paths_with_nothing_in_common_but_the_root_stay_absolute(tmp_path: Path) -> None:
+    from fedchurn.shared.config_writer import relative_path
+
+    assert relative_path("/opt/bank/data.csv", folder=tmp_path) == "/opt/bank/data.csv"
+    assert relative_path(str(tmp_path / "a" / "b.csv"), folder=tmp_path / "c") == "../a/b.csv"
+    assert relative_path(None, folder=tmp_path) is None

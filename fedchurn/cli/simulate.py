@@ -127,7 +127,9 @@ def resolve_run_config(args: argparse.Namespace) -> FedChurnConfig:
         # Paths given on the command line are relative to where the command runs.
         config = resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
     if args.save_config:
-        Path(args.save_config).write_text(dump_config(config), encoding="utf-8")
+        Path(args.save_config).write_text(
+            dump_config(config, relative_to=Path(args.save_config).parent), encoding="utf-8"
+        )
         print(f"Config written to {args.save_config}")
     return config
 
