@@ -132,6 +132,29 @@ def test_importing_opacus_through_fedchurn_leaves_the_root_logger_alone() -> Non
     assert result.stdout.strip() == "0"
 
 
+FLOWER_PROCESS = """
+import logging
+from flwr.common.logger import log
+import fedchurn.clients.app, fedchurn.server.app  # as flwr-serverapp / flwr-clientapp load them (Opacus too)
+from fedchurn.shared.app_logging import log_through_flower
+log_through_flower()  # what the ServerApp does first under `flwr run`
+log(logging.INFO, "marker-flower")
+logging.getLogger("fedchurn.progress").info("marker-round")
+logging.getLogger("fedchurn.server.strategy").warning("marker-warning")
+"""
+
+
+def test_in_a_process_flower_runs_every_line_is_printed_once() -> None:
+    """Under `flwr run`: Flower's own lines were printed twice (its handler, then Opacus' root handler), the
+    per-round line not at all."""
+    result = subprocess.run([sys.executable, "-c", FLOWER_PROCESS], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("marker-flower") == 1
+    assert output.count("marker-round") == 1
+    assert output.count("marker-warning") == 1
+
+
 def test_a_flower_app_process_prints_fedchurn_records_through_flowers_handler(
     restored_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
