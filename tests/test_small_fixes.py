@@ -409,3 +409,40 @@ def test_paths_with_nothing_in_common_but_the_root_stay_absolute(tmp_path: Path)
     assert relative_path("/opt/bank/data.csv", folder=tmp_path) == "/opt/bank/data.csv"
     assert relative_path(str(tmp_path / "a" / "b.csv"), folder=tmp_path / "c") == "../a/b.csv"
     assert relative_path(None, folder=tmp_path) is None
+
+
+@pytest.mark.slow
+def test_a_run_folders_config_keeps_relative_data_paths_and_resumes_from_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedchurn.shared.config import dump_config, load_config
+    from fedchurn.shared.data import SYNTHETIC_SCHEMA, generate_synthetic_institution, write_csv
+
+    synthetic = SyntheticConfig(institutions=2, min_rows=300, max_rows=400)
+    files = {}
+    for index in range(2):
+        table = generate_synthetic_institution(synthetic, index, seed=3)
+        files[table.institution] = str(tmp_path / "data" / f"{table.institution}.csv")
+        write_csv(table, Path(files[table.institution]))
+    base = default_config()
+    data = dataclasses.replace(base.data, source="csv", institution_files=files, schema=SYNTHETIC_SCHEMA)
+    config = apply_overrides(
+        dataclasses.replace(base, data=data),
+        {"simulation.ray_num_cpus": 1, "federation.run_name": "relative-paths", "privacy.delta": 1.0e-5},
+    )
+    (tmp_path / "project").mkdir()
+    start = tmp_path / "project" / "config.yaml"
+    start.write_text(dump_config(config, relative_to=start.parent), encoding="utf-8")
+    assert "../data/" in start.read_text(encoding="utf-8")
+    out = tmp_path / "project" / "runs" / "r1"
+    assert main(["simulate", str(start), "--out", str(out), "--rounds", "1"]) == 0
+    written = (out / "config.yaml").read_text(encoding="utf-8")
+    assert "../../../data/bank-01.csv" in written and str(tmp_path) + "/data" not in written
+    assert "# per-customer gradient bound" in written
+    assert load_config(out / "config.yaml").data.institution_files == {
+        name: str(Path(path).resolve()) for name, path in files.items()
+    }
+    # The resume command the CLI prints reads that file: same config, so the run continues at round 2.
+    assert main(["simulate", str(out / "config.yaml"), "--set", "federation.resume=true", "--rounds", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "round 2/2" in err and "round 1/2" not in err  # continued, not started over
