@@ -25,12 +25,14 @@ from fedchurn.shared.errors import ConfigError
 RUN_MARKERS = ("summary.json", "rounds.jsonl")
 
 
-def add_run_inputs(parser: argparse.ArgumentParser) -> None:
+def add_run_inputs(
+    parser: argparse.ArgumentParser, *, out_help: str = "output folder (default: the config's output_dir)"
+) -> None:
     """The arguments that say what to run: a config (or the default), overrides, or the --data quick start."""
     parser.add_argument(
         "config", nargs="?", help="YAML config (default: the embedded demo; see 'fedchurn config show')"
     )
-    parser.add_argument("--out", help="output folder (default: the config's output_dir)")
+    parser.add_argument("--out", help=out_help)
     parser.add_argument("--rounds", type=int, help="number of federated rounds")
     parser.add_argument("--seed", type=int, help="seed for data splits, initial weights, sampling and noise")
     parser.add_argument(
@@ -125,7 +127,9 @@ def resolve_run_config(args: argparse.Namespace) -> FedChurnConfig:
         # Paths given on the command line are relative to where the command runs.
         config = resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
     if args.save_config:
-        Path(args.save_config).write_text(dump_config(config), encoding="utf-8")
+        Path(args.save_config).write_text(
+            dump_config(config, relative_to=Path(args.save_config).parent), encoding="utf-8"
+        )
         print(f"Config written to {args.save_config}")
     return config
 
