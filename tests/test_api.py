@@ -168,3 +168,32 @@ def test_a_finished_run_resumed_by_its_folder_continues_its_rounds_and_epsilon(t
     pd.testing.assert_frame_equal(more.rounds[more.rounds["round"] == 1], first.rounds)  # round 1 kept as it was
     for name, history in more.rounds.groupby("institution"):
         assert history["epsilon"].iloc[-1] > first.rounds.set_index("institution").loc[name, "epsilon"]
+
+
+def test_compare_through_the_api_gives_one_row_per_bank_and_mode(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    small = {k: v for k, v in TINY.items() if k != "simulation__ray_num_cpus"}
+    result = fedchurn.compare(out=out, modes=["local", "logreg"], seeds=2, target_epsilon=3.0, **small)
+    written = json.loads((out / "comparison.json").read_text(encoding="utf-8"))
+    assert written["seeds"] == [7, 8]  # from the seed upwards, as `fedchurn compare --seeds 2`
+    assert len(result.table) == 4 and len(result.per_seed) == 8
+    for row in result.table.itertuples():
+        entry = written["institutions"][row.institution][row.mode]
+        assert row.auc == pytest.approx(entry["auc"]) and row.runs == entry["runs"] == 2
+        assert row.private == (row.mode == "local")
+        seeds = result.per_seed[
+            (result.per_seed["institution"] == row.institution) & (result.per_seed["mode"] == row.mode)
+        ]
+        assert list(seeds["auc"]) == pytest.approx(entry["auc_per_seed"])
+    with pytest.raises(ConfigError, match="already holds a comparison"):
+        fedchurn.compare(out=out, modes=["logreg"], **small)
+
+
+@pytest.mark.slow  # a local Ray and a Ray Train run
+def test_pretrain_through_the_api(tmp_path: Path) -> None:
+    result = fedchurn.pretrain(
+        out=tmp_path / "enc", pretrain__source_rows=600, pretrain__epochs=1, simulation__ray_num_cpus=2
+    )
+    meta = json.loads((tmp_path / "enc" / "pretrain.json").read_text(encoding="utf-8"))
+    assert result.checkpoint == tmp_path / "enc" / "encoder.pt" and result.checkpoint.is_file()
+    assert dict(result.metrics) == pytest.approx({k: float(v) for k, v in meta["metrics"].items()})
