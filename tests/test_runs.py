@@ -285,3 +285,49 @@ def test_split_command(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "bank-01" in out and "bank-02" not in out and "secret key" in out
     assert sorted(p.name for p in (tmp_path / "s" / "bank-01").iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+
+
+def _write_lines(folder: Path, lines: list[dict]) -> None:
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def test_round_frame_from_hand_written_records(tmp_path: Path) -> None:
+    from fedchurn.api import load_run
+
+    _stopped(tmp_path / "b")
+    lines = [
+        {"round": 1, "phase": "train", "institution": "A", "epsilon": 1.0, "noise-multiplier": 1.1, "num-examples": 1},
+        {"round": 1, "phase": "train", "institution": "B", "epsilon": 0.5, "noise-multiplier": 1.3, "num-examples": 1},
+        {
+            "round": 1,
+            "phase": "evaluate",
+            "institution": "A",
+            "auc": 0.7,
+            "ece": 0.1,
+            "kept-round": 1.0,
+            "epsilon": 1.2,
+        },
+        {"round": 2, "phase": "train", "institution": "A", "epsilon": 1.6, "noise-multiplier": 1.1, "num-examples": 1},
+        {"round": 2, "phase": "train", "institution": "B", "reason": "declined: budget", "dropped": True},
+    ]
+    _write_lines(tmp_path / "b", lines)
+    run = load_run(tmp_path / "b")
+    assert run.status == "stopped at round 2 of 5" and not run.finished
+    rows = run.rounds.set_index(["round", "institution"])
+    assert list(rows.index) == [(1, "A"), (1, "B"), (2, "A")]  # B's declined round 2 is no row
+    assert rows.loc[(1, "A"), "epsilon"] == 1.2 and rows.loc[(1, "A"), "epsilon_after_training"] == 1.0
+    assert rows.loc[(1, "A"), "auc"] == 0.7 and rows.loc[(1, "A"), "model_round"] == 1.0
+    assert rows.loc[(1, "B"), "epsilon"] == 0.5 and rows.loc[(1, "B"), "noise_multiplier"] == 1.3
+    assert bool(rows.loc[(1, "B"), "evaluated"]) is False and np.isnan(rows.loc[(1, "B"), "auc"])
+    assert list(run.dropped["reason"]) == ["declined: budget"] and len(run.records) == 5
+    # A stopped run's latest metrics come from its checkpoint.
+    banks = run.institutions.set_index("institution")
+    assert banks.loc["bank-01", "auc"] == 0.6 and banks.loc["bank-01", "evaluated_round"] == 2
+
+    # Evaluation off: no evaluation record at all; ε from training.
+    _failed(tmp_path / "c")
+    _write_lines(tmp_path / "c", lines[:2])
+    off = load_run(tmp_path / "c")
+    assert not off.rounds["evaluated"].any() and off.rounds["auc"].isna().all()
+    assert list(off.rounds["epsilon"]) == [1.0, 0.5] and off.info.epsilon_max == 1.0
+    assert off.institutions.empty and off.dropped.empty

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,27 @@ def simulation_config(
     return resolved
 
 
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[None]:
+    """One line per round on stderr (the ``fedchurn.progress`` logger), unless the caller already shows it."""
+    progress = logging.getLogger("fedchurn.progress")
+    if not show or progress.handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = progress.level, progress.propagate
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(level)
+        progress.propagate = propagate
+
+
 def simulate(
     config: ConfigInput = None,
     /,
@@ -114,13 +137,14 @@ def simulate(
     overwrite: bool = False,
     ray_address: str | None = None,
     verbose: bool = False,
+    progress: bool = True,
     **overrides: Any,
 ) -> RunResult:
     """Run a simulated federation (``fedchurn simulate``) and return it as a :class:`RunResult`.
 
     ``resume=RUN_DIR`` continues the run in that folder from its last completed round (``rounds=N`` for more
     rounds than it planned). Interrupted (Ctrl-C once), the run stops after the round under way and the result
-    says ``stopped at round k of n``; resume it the same way.
+    says ``stopped at round k of n``; resume it the same way. ``progress``: one line per round on stderr.
     """
     from fedchurn.server.resume import RunInterrupted
     from fedchurn.simulation.driver import plan_simulation, run_simulation
@@ -137,7 +161,7 @@ def simulate(
             f"exceeds the {len(plan.institutions)} institutions of this simulation: no round could complete",
             f"set it to at most {len(plan.institutions)}",
         )
-    with contextlib.suppress(RunInterrupted):  # checkpointed: the result says where it stopped
+    with _progress(progress), contextlib.suppress(RunInterrupted):  # checkpointed: the result says where it stopped
         run_simulation(plan, ray_address=ray_address, verbose=verbose)
     return read_run(plan.config.output_dir)
 
