@@ -62,47 +62,34 @@ def rounds_frame(records: pd.DataFrame) -> pd.DataFrame:
     """One row per round and institution that answered: σ and ε of its training, then what its evaluation
     released (AUC, PR-AUC, Brier, ECE, mean probability vs churn rate, the kept model). ``epsilon`` is the
     institution's ε at the end of the round (after its evaluation release when it made one)."""
-    columns = ["round", "institution", "trained", "evaluated", "noise_multiplier", "epsilon_after_training", "epsilon"]
-    if not len(records):
-        return pd.DataFrame(columns=[*columns, *_EVALUATION])
-    accepted = records[~records["dropped"]]
-    train = accepted[accepted["phase"] == "train"]
-    evaluate = accepted[accepted["phase"] == "evaluate"]
-    left = pd.DataFrame(
-        {
-            "round": train["round"],
-            "institution": train["institution"],
-            "trained": True,
-            "noise_multiplier": train.get("noise_multiplier"),
-            "epsilon_after_training": train.get("epsilon"),
-        }
-    )
-    kept = [c for c in _EVALUATION if c in evaluate.columns]
-    right = evaluate[["round", "institution", *kept]].assign(
-        evaluated=True, epsilon=evaluate.get("epsilon"), n_test=evaluate.get("n_test")
-    )
-    merged = left.merge(right, on=["round", "institution"], how="outer")
-    merged["trained"] = merged["trained"].astype("boolean").fillna(False).astype(bool)
-    merged["evaluated"] = merged["evaluated"].astype("boolean").fillna(False).astype(bool)
-    if "epsilon_after_training" not in merged:
-        merged["epsilon_after_training"] = float("nan")
-    if "epsilon" not in merged:
-        merged["epsilon"] = float("nan")
-    merged["epsilon"] = merged["epsilon"].astype("float64").fillna(merged["epsilon_after_training"].astype("float64"))
-    for name in ("noise_multiplier", *_EVALUATION):
-        if name not in merged:
-            merged[name] = float("nan")
-    merged = merged[[*columns, *_EVALUATION]].sort_values(["round", "institution"])
-    return merged.astype(
-        {c: "float64" for c in merged.columns if c not in ("round", "institution", "trained", "evaluated")}
-    ).reset_index(drop=True)
+    flags = ["round", "institution", "trained", "evaluated"]
+    numbers = ["noise_multiplier", "epsilon_after_training", "epsilon", *_EVALUATION]
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    accepted = records[~records["dropped"]] if len(records) else records
+    for record in accepted.to_dict("records"):
+        key = (int(record["round"]), str(record["institution"]))
+        row = rows.setdefault(key, {"round": key[0], "institution": key[1], "trained": False, "evaluated": False})
+        if record["phase"] == "train":
+            row["trained"] = True
+            row["noise_multiplier"] = record.get("noise_multiplier")
+            row["epsilon_after_training"] = record.get("epsilon")
+        elif record["phase"] == "evaluate":
+            row["evaluated"] = True
+            row["epsilon"] = record.get("epsilon")
+            row.update({name: record.get(name) for name in _EVALUATION})
+    for row in rows.values():
+        if row.get("epsilon") is None:
+            row["epsilon"] = row.get("epsilon_after_training")
+    frame = pd.DataFrame(list(rows.values()), columns=[*flags, *numbers])
+    frame = frame.astype({"round": "int64", "trained": bool, "evaluated": bool, **dict.fromkeys(numbers, "float64")})
+    return frame.sort_values(["round", "institution"]).reset_index(drop=True)
 
 
 def institutions_frame(latest: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per institution: its latest released metrics (the summary's ``institutions``)."""
     rows = []
     for name, metrics in latest.items():
-        row = {"institution": name, **{k: v for k, v in metrics.items()}}
+        row = {"institution": name, **metrics}
         if "round" in row and "evaluated_round" not in row:  # a stopped run's checkpoint names it 'round'
             row["evaluated_round"] = row.pop("round")
         rows.append(row)
