@@ -131,7 +131,6 @@ def _progress(show: bool) -> Iterator[None]:
 
 def simulate(
     config: ConfigInput = None,
-    /,
     *,
     resume: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -173,7 +172,6 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunResult:
 
 def compare(
     config: ConfigInput = None,
-    /,
     *,
     out: str | os.PathLike[str] = "fedchurn-compare",
     modes: Sequence[str] | None = None,
@@ -223,7 +221,6 @@ def compare(
 
 def pretrain(
     config: ConfigInput = None,
-    /,
     *,
     out: str | os.PathLike[str],
     overwrite: bool = False,

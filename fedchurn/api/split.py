@@ -109,7 +109,6 @@ def _write(frame: Any, path: Path, fmt: str) -> None:
 
 def export_split(
     config: ConfigInput = None,
-    /,
     *,
     out: str | os.PathLike[str],
     institutions: Sequence[str] | None = None,
