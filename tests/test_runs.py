@@ -331,3 +331,55 @@ def test_round_frame_from_hand_written_records(tmp_path: Path) -> None:
     assert not off.rounds["evaluated"].any() and off.rounds["auc"].isna().all()
     assert list(off.rounds["epsilon"]) == [1.0, 0.5] and off.info.epsilon_max == 1.0
     assert off.institutions.empty and off.dropped.empty
+
+
+@pytest.mark.slow  # two real simulations on Ray
+def test_an_interrupted_simulation_is_listed_as_stopped_and_resumed_by_its_folder(tmp_path: Path, capsys) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    small = ["--set", "data.synthetic.institutions=2", "--set", "data.synthetic.min_rows=300"]
+    small += ["--set", "data.synthetic.max_rows=400", "--set", "simulation.ray_num_cpus=2"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "fedchurn.cli.main", "simulate", "--out", str(out), "--rounds", "4", *small]
+    process = subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    state = out / "checkpoints" / "server-state.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not (state.is_file() and json.loads(state.read_text())["round"] >= 1):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # Ctrl-C: stop after the round under way
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, output[-3000:]
+
+    info = inspect_run(out)
+    assert info.status == STOPPED and 1 <= info.completed_rounds < 4 and info.planned_rounds == 4
+    assert main(["runs", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert f"stopped at round {info.completed_rounds} of 4" in listing
+    assert f"resume: fedchurn simulate --resume {out}" in listing
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedchurn.cli.main", "simulate", "--resume", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    done = inspect_run(out)
+    assert (done.status, done.completed_rounds, done.run_name) == (FINISHED, 4, info.run_name)
+    rounds = {json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()}
+    assert rounds == {1, 2, 3, 4}
