@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedchurn.api.folders import FINISHED, ROUNDS_FILE, SUMMARY_FILE, resume_config
+from fedchurn.api.folders import ROUNDS_FILE, SUMMARY_FILE, resume_config
 from fedchurn.api.results import (
     AuditResult,
     ComparisonResult,
@@ -280,7 +280,6 @@ def audit(run_dir: str | os.PathLike[str], *, consortium_fingerprint: str | None
 
 
 __all__ = [
-    "FINISHED",
     "audit",
     "compare",
     "load_run",
