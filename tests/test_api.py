@@ -134,7 +134,8 @@ def test_simulate_returns_frames_that_agree_with_the_run_folder(run: fedchurn.Ru
 
 
 def test_predict_and_audit_through_the_api(run: fedchurn.RunResult, tmp_path: Path) -> None:
-    from fedchurn.shared.data import generate_synthetic_institution, write_csv
+    from fedchurn.shared.institution_rows import write_csv
+    from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 
     assert run.config is not None
     customers = tmp_path / "customers.csv"

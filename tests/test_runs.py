@@ -205,7 +205,7 @@ def _client_split(config, index: int):
 
 def test_exported_split_is_the_one_each_simulated_bank_trains_on(tmp_path: Path) -> None:
     config = _small(tmp_path / "run")
-    from fedchurn.shared.data import resolve_schema
+    from fedchurn.shared.institution_rows import resolve_schema
 
     label, positive = resolve_schema(config.data).label, resolve_schema(config.data).positive
     result = export_split(config, out=tmp_path / "split")
@@ -267,7 +267,7 @@ def test_a_bank_exports_its_own_split_with_its_state_folder_key(tmp_path: Path) 
 
 
 def test_the_research_split_matches_the_reproducible_one(tmp_path: Path) -> None:
-    from fedchurn.shared.data import prepare_institution
+    from fedchurn.clients.prepared_institution import prepare_institution
 
     config = _small(tmp_path / "run", **{"privacy.reproducible_noise": True})
     result = export_split(config, out=tmp_path / "split")

@@ -1,6 +1,6 @@
 """Export the train / validation / test split of each institution, exactly as a run splits its rows.
 
-Each row's part comes from HMAC-SHA256 of the row under the bank's secret key (``shared/data.split_institution``),
+Each row's part comes from HMAC-SHA256 of the row under the bank's secret key (``clients/splits.split_institution``),
 so the export needs that key, and it is read, or created, where the run keeps it:
 
 - a simulation: ``<output_dir>/institutions/<name>/bank_secret.key``, the simulated bank's state folder. A key
@@ -58,8 +58,8 @@ def _key(config: FedChurnConfig, name: str, state_dir: Path | None) -> _Key:
 
 
 def _split(config: FedChurnConfig, table: Any, key: _Key) -> Any:
+    from fedchurn.clients.splits import UnbalancedSplitError, split_institution
     from fedchurn.shared.bank_random import renew_bank_secret_key
-    from fedchurn.shared.data import UnbalancedSplitError, split_institution
 
     value = key.value
     for attempt in range(_KEY_ATTEMPTS):
@@ -120,7 +120,7 @@ def export_split(
     """Write ``out/<institution>/{train,validation,test}.<format>`` and ``out/split.json``; see the module."""
     import pandas as pd
 
-    from fedchurn.shared.data import institution_names, read_institution
+    from fedchurn.shared.institution_rows import institution_names, read_institution
     from fedchurn.shared.partitions import load_partition, stage_partitions
 
     if format not in FORMATS:
