@@ -12,13 +12,23 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from fedchurn.cli import audit_cmd, config_cmd, privacy_cmd, report_cmd, simulate
+from fedchurn.cli import audit_cmd, config_cmd, privacy_cmd, report_cmd, runs_cmd, simulate, split_cmd
 from fedchurn.cli.federated import FEDERATION_COMMANDS
 from fedchurn.cli.transfer import TRANSFER_COMMANDS
 from fedchurn.shared.errors import FedChurnError
 
 EXIT_USER_ERROR = 2
-COMMANDS = (simulate, config_cmd, privacy_cmd, audit_cmd, report_cmd, *FEDERATION_COMMANDS, *TRANSFER_COMMANDS)
+COMMANDS = (
+    simulate,
+    runs_cmd,
+    split_cmd,
+    config_cmd,
+    privacy_cmd,
+    audit_cmd,
+    report_cmd,
+    *FEDERATION_COMMANDS,
+    *TRANSFER_COMMANDS,
+)
 
 
 VERSION_OF = ("fedchurn", "flwr", "torch", "opacus", "ray")  # this package, then the libraries a run depends on
