@@ -219,12 +219,16 @@ class EncoderAggregation:
                 continue
             metrics = {str(k): float(v) for k, v in message.content[METRICS_KEY].items()}  # type: ignore[union-attr,arg-type]
             accepted[name] = Reply(institution=name, metrics=metrics, message=message, weight=metrics[WEIGHT_KEY])
-        weights = self._capped_weights({name: reply.weight for name, reply in accepted.items()})
+        weights = self._capped_weights({name: reply.weight for name, reply in accepted.items()}, train=train)
         # A fixed order makes floating-point sums, and so whole runs, reproducible.
         return [dataclasses.replace(accepted[name], weight=weights[name]) for name in sorted(accepted)], dropped
 
-    def _capped_weights(self, reported: dict[str, float]) -> dict[str, float]:
-        """Each weight capped at ``max_examples`` and at ``bound_multiplier`` x the median weight of the others."""
+    def _capped_weights(self, reported: dict[str, float], *, train: bool = True) -> dict[str, float]:
+        """Each weight capped at ``max_examples`` and at ``bound_multiplier`` x the median weight of the others.
+
+        A capped training weight changes the encoder, so it is a warning; an evaluation weight (a bank's DP-noised
+        test count) only weights the round's mean metrics, and a large bank's is capped in ordinary runs: debug.
+        """
         weights = {
             name: min(value, self.max_examples) if self.max_examples is not None else value
             for name, value in reported.items()
@@ -233,7 +237,14 @@ class EncoderAggregation:
         capped = {name: min(value, bounds.get(name, value)) for name, value in weights.items()}
         for name, value in sorted(capped.items()):
             if value < reported[name]:
-                logger.warning("%s reports %s = %.4g; weighted as %.4g", name, WEIGHT_KEY, reported[name], value)
+                logger.log(
+                    logging.WARNING if train else logging.DEBUG,
+                    "%s reports %s = %.4g; weighted as %.4g",
+                    name,
+                    WEIGHT_KEY,
+                    reported[name],
+                    value,
+                )
         return capped
 
     def _problem(

@@ -47,3 +47,22 @@ def _offline_quiet_environment() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_TMPDIR", "/tmp/fcray")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Any:
+    """The CLI configures its loggers (handlers on captured streams, levels, propagation) when a test calls
+    ``main``; put them back afterwards so no later test logs into a closed stream or sees a record twice."""
+    import logging
+
+    names = ("", "fedchurn", "fedchurn.progress", "flwr")
+    saved = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        saved[name] = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
