@@ -38,6 +38,10 @@ def test_simulate_refuses_min_replies_above_the_institutions(tmp_path: Path, cap
     assert "strategy.min_replies" in err and "exceeds the 2 institutions" in err
 
 
+# Enough rounds that the run is still going when the signal lands: a small round takes a fraction of a second.
+ROUNDS = 12
+
+
 def _descendants(pid: int) -> list[int]:
     from tests.federation_harness import descendants
 
@@ -54,8 +58,9 @@ def _alive(pid: int) -> bool:
 
 def _simulate(out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = ["simulate", "--out", str(out), "--rounds", str(ROUNDS), *SMALL, *extra]
     return subprocess.Popen(
-        [sys.executable, "-m", "fedchurn.cli.main", "simulate", "--out", str(out), "--rounds", "4", *SMALL, *extra],
+        [sys.executable, "-m", "fedchurn.cli.main", *command],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -90,8 +95,8 @@ def test_ctrl_c_stops_after_a_checkpointed_round_and_prints_the_resume_command(t
     assert process.returncode == 130, output[-3000:]
     assert "Traceback" not in output
     completed = json.loads((out / "checkpoints" / "server-state.json").read_text())["round"]
-    assert 1 <= completed < 4
-    command = f"fedchurn simulate {out}/config.yaml --set federation.resume=true"
+    assert 1 <= completed < ROUNDS
+    command = f"fedchurn simulate --resume {out}"
     assert command in output
     time.sleep(2)
     assert [pid for pid in children if _alive(pid)] == []  # Ray and Flower workers gone
@@ -107,7 +112,7 @@ def test_ctrl_c_stops_after_a_checkpointed_round_and_prints_the_resume_command(t
     )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds"] == 4
+    assert summary["rounds"] == ROUNDS
     audit = subprocess.run(
         [sys.executable, "-m", "fedchurn.cli.main", "audit", str(out)],
         cwd=ROOT,
@@ -165,9 +170,8 @@ def test_a_second_ctrl_c_exits_at_once_and_the_abandoned_round_is_in_the_ledgers
         "-m",
         "fedchurn.cli.main",
         "simulate",
-        f"{out}/config.yaml",
-        "--set",
-        "federation.resume=true",
+        "--resume",
+        str(out),
     ]
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]

@@ -310,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     except RunInterrupted as stopped:
         out = plan.config.output_dir
         print(f"\nStopped after round {stopped.completed_round} of {config.rounds}; it is checkpointed in {out}.")
-        print(f"To continue: fedchurn simulate {out}/config.yaml --set federation.resume=true")
+        print(f"To continue: fedchurn simulate --resume {out}")
         return 130
     print()
     print(_format_table(summary))
