@@ -34,6 +34,7 @@ from fedchurn.shared.data import (
     resolve_schema,
 )
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, Decline
+from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.errors import FedChurnError, PrivacyError
 from fedchurn.shared.ledger import SignedHash
 from fedchurn.shared.model import ChurnModel, build_model, head_state, load_head_state
@@ -252,6 +253,11 @@ def train_round(
     config = institution.config
     _check_policy(institution, server_round)  # before the data is touched
     data = load_data(institution)
+    # training.plan = auto: batch, epochs, learning rate and clipping from the bank's own row count, at home.
+    institution = dataclasses.replace(
+        institution, config=bank_training_config(institution.config, n_train=len(data.y_train))
+    )
+    config = institution.config
     # Keyed by the fedchurn run name when set: a resumed run continues this bank's head and round count.
     store = StateStore(
         institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant

@@ -170,6 +170,9 @@ training:
   learning_rate: 0.02
   optimizer: adam            # adam | sgd (measured: adam reaches the same AUC in fewer noisy rounds)
   momentum: 0.9              # sgd only
+  plan: auto                 # auto: with privacy.target_epsilon set, each bank plans its batch, epochs per
+                             #   round, learning rate, optimizer and clipping norm from its own row count
+                             #   (the settings above and privacy.clipping_norm are then ignored); fixed: as given
 privacy:
   enabled: true
   clipping_norm: 1.0         # per-customer gradient bound

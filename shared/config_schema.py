@@ -74,6 +74,10 @@ class TrainingConfig:
     learning_rate: float = 0.02
     optimizer: Literal["sgd", "adam"] = "adam"  # measured: adam reaches the same AUC in fewer noisy rounds
     momentum: float = 0.9  # sgd only
+    # "auto": with privacy.target_epsilon set, each bank plans batch size, epochs per round, learning rate,
+    # optimizer and clipping norm from its own row count (shared/dp_planning.py), replacing the values above;
+    # "fixed": the values above, as given.
+    plan: Literal["auto", "fixed"] = "auto"
 
     def __post_init__(self) -> None:
         require(1 <= self.local_epochs <= 1000, "training.local_epochs", self.local_epochs, "must be 1..1000")

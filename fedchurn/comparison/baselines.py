@@ -25,6 +25,7 @@ from fedchurn.clients.evaluation import evaluate
 from fedchurn.clients.training import steps_per_round, train_locally
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.data import PreparedInstitution, derive_seed, prepare_institution
+from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.model import ChurnModel, build_model, encoder_arrays, load_encoder_arrays
 from fedchurn.shared.privacy import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
 
@@ -54,10 +55,12 @@ def _result(model: ChurnModel, data: PreparedInstitution, *, epsilon: float) -> 
 def run_local(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Each institution trains alone for ``rounds`` x ``local_epochs`` epochs of DP-SGD (as in a federation)."""
     results: dict[str, dict[str, Any]] = {}
+    base = config
     for name in institutions:
-        data = prepare_institution(config, name)
-        model = fresh_model(config, input_dim=len(data.feature_names))
+        data = prepare_institution(base, name)
         n_train = len(data.y_train)
+        config = bank_training_config(base, n_train=n_train)  # the bank's own plan, as in a federation
+        model = fresh_model(config, input_dim=len(data.feature_names))
         accountant = AccountantState(accountant=config.privacy.accountant)
         sigma = 0.0
         if config.privacy.enabled:
