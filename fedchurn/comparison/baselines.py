@@ -55,39 +55,44 @@ def _result(model: ChurnModel, data: PreparedInstitution, *, epsilon: float) -> 
 def run_local(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Each institution trains alone for ``rounds`` x ``local_epochs`` epochs of DP-SGD (as in a federation)."""
     results: dict[str, dict[str, Any]] = {}
-    base = config
     for name in institutions:
-        data = prepare_institution(base, name)
-        n_train = len(data.y_train)
-        config = bank_training_config(base, n_train=n_train)  # the bank's own plan, as in a federation
-        model = fresh_model(config, input_dim=len(data.feature_names))
-        accountant = AccountantState(accountant=config.privacy.accountant)
-        sigma = 0.0
-        if config.privacy.enabled:
-            check_delta(delta=config.privacy.delta, dataset_size=n_train)
-            per_round = steps_per_round(
-                n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
-            )
-            sigma = resolve_noise_multiplier(
-                config.privacy,
-                sample_rate=sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size),
-                total_steps=per_round * config.rounds,
-            )
-        epsilon = math.inf
-        for server_round in range(1, config.rounds + 1):
-            report = train_locally(
-                model,
-                data.x_train,
-                data.y_train,
-                training=config.training,
-                privacy=config.privacy,
-                accountant=accountant,
-                noise_multiplier=sigma,
-                seed=derive_seed(config.seed, name, server_round, "train"),
-            )
-            accountant, epsilon = report.accountant, report.epsilon
+        data = prepare_institution(config, name)
+        model, epsilon = train_local_model(config, data)
         results[name] = _result(model, data, epsilon=epsilon)
     return results
+
+
+def train_local_model(config: FedChurnConfig, data: PreparedInstitution) -> tuple[ChurnModel, float]:
+    """One institution's own DP model alone, with its own plan (as in a federation), and its ε (inf without DP)."""
+    n_train = len(data.y_train)
+    config = bank_training_config(config, n_train=n_train)
+    model = fresh_model(config, input_dim=len(data.feature_names))
+    accountant = AccountantState(accountant=config.privacy.accountant)
+    sigma = 0.0
+    if config.privacy.enabled:
+        check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        per_round = steps_per_round(
+            n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
+        )
+        sigma = resolve_noise_multiplier(
+            config.privacy,
+            sample_rate=sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size),
+            total_steps=per_round * config.rounds,
+        )
+    epsilon = math.inf
+    for server_round in range(1, config.rounds + 1):
+        report = train_locally(
+            model,
+            data.x_train,
+            data.y_train,
+            training=config.training,
+            privacy=config.privacy,
+            accountant=accountant,
+            noise_multiplier=sigma,
+            seed=derive_seed(config.seed, data.name, server_round, "train"),
+        )
+        accountant, epsilon = report.accountant, report.epsilon
+    return model, epsilon
 
 
 def run_centralized(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, dict[str, Any]]:
