@@ -431,7 +431,7 @@ def evaluate_round(
     context_state: RecordDict,
     server_round: int = 0,
 ) -> dict[str, float]:
-    """Global encoder + this institution's own head on its validation and test rows, released only under DP.
+    """Global encoder + this institution's own head on its own rows (histograms), released only under DP.
 
     Raises :class:`~clients.private_evaluation.EvaluationWithheld` when nothing may be released (evaluation off,
     no new trained round, budget): see ``clients/private_evaluation.py``.

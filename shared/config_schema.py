@@ -352,7 +352,7 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What a bank releases about its validation and test rows (logic: shared/private_metrics.py).
+    """What a bank releases about its training, validation and test rows (logic: shared/private_metrics.py).
 
     ``off``: nothing. ``dp``: a 2×bins histogram of model scores per row set with Gaussian noise of std
     ``noise_multiplier`` per cell (sensitivity 1), accounted in the bank's ledger, never past its budget.
