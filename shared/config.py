@@ -236,7 +236,7 @@ policy:                      # each SIMULATED bank's own policy (a real bank rea
   max_rounds_per_run: null   # refuse runs of more rounds (null: no limit)
   report_dataset_size: false # false: FedAvg weight 1.0 and no row counts leave the bank
   institutions: {}           # per-bank overrides, e.g. {bank-01: {min_noise_multiplier: 1.0, lifetime_epsilon: 3.0}}
-evaluation:                  # what a bank releases about its validation/test rows (accounted in its ε)
+evaluation:                  # what a bank releases about its own rows' scores (accounted in its ε)
   mode: dp                   # dp: noisy score histograms | off: nothing leaves the bank
   noise_multiplier: 5.0      # Gaussian noise std per histogram cell (one customer changes one cell by 1);
                              #   a bank uses the larger of this and its policy's evaluation_noise_multiplier
