@@ -22,10 +22,11 @@ import warnings
 
 import numpy as np
 import torch
+from fedchurn.clients.private_training import make_private
 from fedchurn.shared.config import default_config
-from fedchurn.shared.data import SYNTHETIC_SCHEMA
 from fedchurn.shared.model import build_model
-from fedchurn.shared.privacy import AccountantState, make_private
+from fedchurn.shared.privacy_accounting import AccountantState
+from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -107,7 +107,7 @@ def synthetic_config(institutions: int, rows: int, rounds: int, out: Path) -> Fe
 
 def csv_config(path: Path, rounds: int, out: Path) -> tuple[FedChurnConfig, float]:
     """The config the ``--data`` quick start builds for ``path``, and the inference time."""
-    from fedchurn.shared.schema_inference import infer_schema
+    from fedchurn.schema_inference import infer_schema
 
     started = time.perf_counter()
     schema = infer_schema(path, label=LABEL, institution_column=INSTITUTION).schema
@@ -182,12 +182,14 @@ def run_reference(config: FedChurnConfig, institutions: int) -> dict[str, Any]:
 
 def compute_floor(config: FedChurnConfig) -> dict[str, float]:
     """The same DP training in this one process: no Flower, no Ray, no files between rounds."""
+    from fedchurn.clients.metrics import roc_auc
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.clients.training import train_locally
-    from fedchurn.shared.data import derive_seed, institution_names, prepare_institution
-    from fedchurn.shared.metrics import roc_auc
+    from fedchurn.shared.bank_random import derive_seed
+    from fedchurn.shared.institution_rows import institution_names
     from fedchurn.shared.model import build_model
     from fedchurn.shared.partitions import stage_partitions
-    from fedchurn.shared.privacy import AccountantState
+    from fedchurn.shared.privacy_accounting import AccountantState
     from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 
     torch.set_num_threads(1)

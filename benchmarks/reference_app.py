@@ -22,18 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.clients.metrics import roc_auc
+from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_institution
+from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.clients.splits import split_institution
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
-from fedchurn.shared.data import (
-    PreparedInstitution,
-    Preprocessor,
-    derive_seed,
-    institution_names,
-    prepare_institution,
-    split_institution,
-)
-from fedchurn.shared.metrics import roc_auc
+from fedchurn.shared.institution_file import columns_to_read
+from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.model import build_model
-from fedchurn.shared.table_checks import check_rows, columns_to_read, institution_codes
+from fedchurn.shared.table_checks import check_rows, institution_codes
 from fedchurn.shared.table_io import ColumnTable, read_columns, read_header
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp

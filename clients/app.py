@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from fedchurn.clients.budget import BankDeclined, store_countersignature
-from fedchurn.clients.institution import Institution, evaluate_round, resolve_institution, train_round
+from fedchurn.clients.institution import evaluate_round, resolve_institution, train_round
+from fedchurn.clients.institution_identity import Institution
 from fedchurn.clients.private_evaluation import EvaluationWithheld
 from fedchurn.clients.warmup import warm_up
 from fedchurn.shared.config import FedChurnConfig, config_from_run_config

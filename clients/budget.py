@@ -2,7 +2,7 @@
 
 A bank's ε is a lifetime figure: its ledger (``state_dir/ledger.sqlite``, on its own disk) holds every mechanism
 it ever ran — training rounds and evaluation releases, of every run and run name — each with the fingerprint of
-the rows it ran on (``shared/row_identity``). The ε it checks, plans with and reports is the composition of ALL
+the rows it ran on (``clients/row_identity``). The ε it checks, plans with and reports is the composition of ALL
 records with the current dataset's fingerprint; no run name, resume or config resets it.
 
 Before training, the bank projects its lifetime ε after this round — that history plus exactly the steps this
@@ -16,8 +16,9 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedchurn.clients.institution_identity import Institution
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, DP_DISABLED, Decline
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.ledger import InstitutionLedger, SignedHash
@@ -28,12 +29,9 @@ from fedchurn.shared.ledger_signing import (
     load_signer,
     parse_countersignature,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 from fedchurn.shared.provenance import library_versions
 from fedchurn.shared.transfer import epochs_per_round
-
-if TYPE_CHECKING:  # clients.institution calls into this module
-    from fedchurn.clients.institution import Institution
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fedchurn.shared.metrics import binary_metrics
+from fedchurn.clients.metrics import binary_metrics
 from fedchurn.shared.model import ChurnModel
 from torch import nn
 

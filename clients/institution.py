@@ -19,35 +19,37 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 from fedchurn.clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
+from fedchurn.clients.institution_identity import Institution
+from fedchurn.clients.policy_check import check_instruction
+from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.clients.private_evaluation import private_evaluation
+from fedchurn.clients.private_metrics import evaluation_settings
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.clients.state import InstitutionState, StateStore
 from fedchurn.clients.training import steps_per_round
 from fedchurn.clients.transfer import train_round_phases
-from fedchurn.shared.bank_random import SeedSource, bank_secret_key, renew_bank_secret_key
+from fedchurn.shared.bank_random import SeedSource, bank_secret_key, derive_seed, renew_bank_secret_key
 from fedchurn.shared.config import FedChurnConfig, config_to_dict
-from fedchurn.shared.data import (
-    PreparedInstitution,
-    UnbalancedSplitError,
-    derive_seed,
-    institution_names,
-    prepare_institution,
-    resolve_schema,
-)
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, Decline
 from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.errors import FedChurnError, PrivacyError
+from fedchurn.shared.institution_rows import institution_names, resolve_schema
 from fedchurn.shared.ledger import SignedHash
 from fedchurn.shared.model import ChurnModel, build_model, head_state, load_head_state
 from fedchurn.shared.policy import (
     CONSERVATIVE_POLICY,
     POLICY_TOO_MANY_ROUNDS,
     BankPolicy,
-    check_instruction,
     load_policy,
     policy_for_simulated_bank,
 )
-from fedchurn.shared.privacy import AccountantState, check_delta, epsilon_of, noise_multiplier_after, sample_rate_for
-from fedchurn.shared.private_metrics import evaluation_settings
+from fedchurn.shared.privacy_accounting import (
+    AccountantState,
+    check_delta,
+    epsilon_of,
+    noise_multiplier_after,
+    sample_rate_for,
+)
 from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 from fedchurn.shared.transfer import epochs_per_round
 from fedchurn.shared.wire import WEIGHT_KEY
@@ -64,16 +66,6 @@ NODE_LEDGER_KEY = "ledger-key"  # optional: the SuperNode's node-auth private ke
 # Node-config keys Flower's simulation gives each virtual node.
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
-
-
-@dataclass(frozen=True)
-class Institution:
-    name: str
-    config: FedChurnConfig  # the run's config, with the data section as this institution sees it
-    state_dir: Path
-    real_bank: bool = False  # a real SuperNode (node config names the institution), not a simulated one
-    policy: BankPolicy = CONSERVATIVE_POLICY  # the bank's own rules (shared/policy.py)
-    ledger_key: Path | None = None  # None: a key generated once in state_dir (shared/ledger_signing.py)
 
 
 def resolve_institution(node_config: Mapping[str, Any], config: FedChurnConfig) -> Institution:

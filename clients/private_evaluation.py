@@ -33,15 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from fedchurn.clients.budget import bank_signer, lifetime_cap, lifetime_history
+from fedchurn.clients.calibration import Calibrator, decile_thresholds, fit_platt_histogram
 from fedchurn.clients.evaluation import predict_logits
-from fedchurn.clients.state import InstitutionState, StateStore
-from fedchurn.shared.calibration import Calibrator, decile_thresholds, fit_platt_histogram
-from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline
-from fedchurn.shared.errors import FedChurnError
-from fedchurn.shared.ledger import InstitutionLedger
-from fedchurn.shared.model import ChurnModel
-from fedchurn.shared.privacy import epsilon_of
-from fedchurn.shared.private_metrics import (
+from fedchurn.clients.institution_identity import Institution
+from fedchurn.clients.private_metrics import (
     BinSpec,
     EvaluationSettings,
     histogram_auc,
@@ -50,12 +45,17 @@ from fedchurn.shared.private_metrics import (
     score_histogram,
     secure_rng,
 )
+from fedchurn.clients.state import InstitutionState, StateStore
+from fedchurn.shared.decline import EVALUATION_WITHHELD, Decline
+from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.ledger import InstitutionLedger
+from fedchurn.shared.model import ChurnModel
+from fedchurn.shared.privacy_accounting import epsilon_of
 from fedchurn.shared.provenance import library_versions
 from flwr.app import RecordDict
 
 if TYPE_CHECKING:
-    from fedchurn.clients.institution import Institution
-    from fedchurn.shared.data import PreparedInstitution
+    from fedchurn.clients.prepared_institution import PreparedInstitution
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from fedchurn.shared.errors import FedChurnError
-from fedchurn.shared.privacy import AccountantState
+from fedchurn.shared.privacy_accounting import AccountantState
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 logger = logging.getLogger(__name__)

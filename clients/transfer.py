@@ -14,7 +14,7 @@ from fedchurn.clients.training import TrainReport, train_locally
 from fedchurn.shared.bank_random import derive_seed64
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.model import ChurnModel
-from fedchurn.shared.privacy import AccountantState
+from fedchurn.shared.privacy_accounting import AccountantState
 from fedchurn.shared.transfer import round_phases
 
 

@@ -13,7 +13,8 @@ import functools
 import logging
 
 import torch
-from fedchurn.clients.institution import Institution, load_data
+from fedchurn.clients.institution import load_data
+from fedchurn.clients.institution_identity import Institution
 
 logger = logging.getLogger(__name__)
 

@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedchurn.clients.calibration import Calibrator
 from fedchurn.clients.evaluation import predict_logits
+from fedchurn.clients.metrics import brier_score, calibration_table, expected_calibration_error, risk_deciles, roc_auc
+from fedchurn.clients.preprocessor import Preprocessor
 from fedchurn.clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FILE
-from fedchurn.shared.calibration import Calibrator
 from fedchurn.shared.config import FedChurnConfig, load_config
-from fedchurn.shared.data import Preprocessor, _read_csv_text, read_csv_table, resolve_schema
 from fedchurn.shared.errors import CheckpointError, DataError, FedChurnError
-from fedchurn.shared.metrics import brier_score, calibration_table, expected_calibration_error, risk_deciles, roc_auc
+from fedchurn.shared.institution_file import read_csv_table
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.model import (
     ChurnModel,
     build_model,
@@ -39,6 +41,7 @@ from fedchurn.shared.model import (
     load_head_state,
 )
 from fedchurn.shared.sharing import GLOBAL_HEAD_FILE
+from fedchurn.shared.table_io import read_csv_text
 
 CONFIG_FILE = "config.yaml"
 ENCODER_FILE = "encoder.pt"
@@ -132,7 +135,7 @@ def score_customers(
         deciles = risk_deciles(probabilities)
     metrics, calibration = _labelled_metrics(table.labels, probabilities)
 
-    text = _read_csv_text(source)
+    text = read_csv_text(source)
     id_index = _id_column(text.header, schema.drop, id_column, str(source))
     ids_by_line = {line: row for line, row in zip(text.lines, text.rows, strict=True)}
     header = ([text.header[id_index]] if id_index is not None else []) + list(OUTPUT_COLUMNS)

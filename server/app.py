@@ -14,10 +14,12 @@ from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.resume import ResumableRun, check_new_run_folder
 from fedchurn.server.strategy import make_strategy
+from fedchurn.server.tracking import start_tracking
 from fedchurn.server.warmup import warm_up_nodes
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig, config_from_run_config, config_to_dict, dump_config
-from fedchurn.shared.data import derive_seed, resolve_schema
 from fedchurn.shared.errors import FedChurnError
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.model import build_model, encoder_arrays, save_encoder_checkpoint
 from fedchurn.shared.provenance import library_versions, load_checked_encoder
 from fedchurn.shared.sharing import initial_shared_arrays, save_global_head, split_shared
@@ -76,7 +78,8 @@ def run_federation(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
 
-    recorder = RunRecorder(output_dir, rounds=config.rounds)
+    tracker = start_tracking(config, output_dir, run_name=run_identity)  # tracking.backend; None when 'none'
+    recorder = RunRecorder(output_dir, rounds=config.rounds, tracker=tracker)
     if members is None and config.federation.members:
         members = {int(node): name for node, name in config.federation.members.items()}
     if members is None:

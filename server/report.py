@@ -12,6 +12,7 @@ from typing import Any
 
 from fedchurn.server.checkpoint import save_round
 from fedchurn.server.strategy import DroppedReply, Reply
+from fedchurn.server.tracking import Tracker
 from fedchurn.shared.wire import from_array_record
 from flwr.app import ArrayRecord, MetricRecord
 
@@ -59,9 +60,11 @@ def _finite_only(value: Any) -> Any:
 class RunRecorder:
     """Observes the strategy; writes ``rounds.jsonl`` as rounds finish and ``summary.json`` at the end."""
 
-    def __init__(self, output_dir: Path, *, rounds: int) -> None:
+    def __init__(self, output_dir: Path, *, rounds: int, tracker: Tracker | None = None) -> None:
         self.output_dir = output_dir
         self.rounds = rounds
+        self.tracker = tracker  # tracking.backend (server/tracking.py): each finished round, then the summary
+        self._round_replies: dict[str, dict[str, dict[str, float]]] = {"train": {}, "evaluate": {}}
         self.latest: dict[str, dict[str, Any]] = {}  # institution -> its latest evaluation
         self.trained: dict[str, dict[str, float]] = {}  # institution -> its latest training report
         self.dropped: list[dict[str, Any]] = []
@@ -77,6 +80,7 @@ class RunRecorder:
     def on_train(self, server_round: int, accepted: list[Reply], dropped: list[DroppedReply]) -> None:
         for reply in accepted:
             self.trained[reply.institution] = reply.metrics
+            self._round_replies["train"][reply.institution] = dict(reply.metrics)
             self._write({"round": server_round, "phase": "train", "institution": reply.institution, **reply.metrics})
         self._record_dropped(server_round, "train", dropped)
 
@@ -85,12 +89,14 @@ class RunRecorder:
             entry = {SUMMARY_FIELDS[k]: v for k, v in reply.metrics.items() if k in SUMMARY_FIELDS}
             entry["round"] = server_round
             self.latest[reply.institution] = entry
+            self._round_replies["evaluate"][reply.institution] = dict(reply.metrics)
             self._write({"round": server_round, "phase": "evaluate", "institution": reply.institution, **reply.metrics})
         self._record_dropped(server_round, "evaluate", dropped)
 
     # --- end of round (Flower calls the strategy's evaluate_fn after every round) ------------------
 
     def round_finished(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        replies, self._round_replies = self._round_replies, {"train": {}, "evaluate": {}}
         if server_round == 0:  # called once before the first round
             self._round_started = time.perf_counter()
             return None
@@ -115,6 +121,10 @@ class RunRecorder:
             f"{dropped_now} replies dropped  " if dropped_now else "",
             seconds,
         )
+        if self.tracker is not None:
+            self.tracker.log_round(
+                server_round, train=replies["train"], evaluate=replies["evaluate"], seconds=seconds, dropped=dropped_now
+            )
         return None
 
     # --- output ----------------------------------------------------------------------------------
@@ -143,6 +153,8 @@ class RunRecorder:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         tmp.replace(path)
+        if self.tracker is not None:
+            self.tracker.finish(summary=summary)
         return path
 
     # --- resume (server/resume.py checkpoints this after every round) ------------------------------

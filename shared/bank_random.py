@@ -34,6 +34,7 @@ __all__ = [
     "BANK_KEY_FILE",
     "SeedSource",
     "bank_secret_key",
+    "derive_seed",
     "derive_seed64",
     "reproducible_key",
     "row_coin",
@@ -61,6 +62,11 @@ def seed_digest(*parts: int | str) -> bytes:
             raise TypeError(f"seeds derive from ints and strings, got {type(part).__name__}")
         digest.update(f"{'i' if isinstance(part, int) else 's'}:{part}\x1f".encode())
     return digest.digest()
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from ints and strings (sha256: the same on every machine and Python run)."""
+    return int.from_bytes(seed_digest(*parts)[:4], "big") & 0x7FFFFFFF
 
 
 def derive_seed64(*parts: int | str) -> int:

@@ -244,6 +244,11 @@ evaluation:                  # what a bank releases about its own rows' scores (
   logit_range: 6.0
   every_rounds: 0            # 0: release only after the last round (or when the bank stops training);
                              #   k: also after every k-th trained round, to keep the best (at most one per round)
+tracking:                    # stream each round's metrics (released AUC/ECE, ε, σ, round time) to a tracker
+  backend: none              # none | tensorboard (tensorboard --logdir RUN/tensorboard) | mlflow (local store)
+  directory: null            # null: RUN/tensorboard or RUN/mlflow; a relative path is inside the run folder
+  mlflow_uri: null           # an MLflow tracking server (http://host:5000) instead of the local store
+  experiment: fedchurn       # MLflow experiment; each run is named after its run identity
 """
 
 

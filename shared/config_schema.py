@@ -37,6 +37,7 @@ __all__ = [
     "SimulationConfig",
     "StrategyConfig",
     "SyntheticConfig",
+    "TrackingConfig",
     "TrainingConfig",
     "TransferConfig",
     "is_valid_institution_name",
@@ -352,7 +353,7 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What a bank releases about its training, validation and test rows (logic: shared/private_metrics.py).
+    """What a bank releases about its training, validation and test rows (logic: clients/private_metrics.py).
 
     ``off``: nothing. ``dp``: a 2×bins histogram of model scores per row set with Gaussian noise of std
     ``noise_multiplier`` per cell (sensitivity 1), accounted in the bank's ledger, never past its budget.
@@ -379,6 +380,49 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Metrics streamed to an experiment tracker as rounds finish (written by the server: ``server/tracking.py``).
+
+    Only what the server already records (the banks' released metrics, ε, σ, round times) is sent; a tracking
+    failure is logged once and never fails or stalls the run.
+    """
+
+    backend: Literal["none", "tensorboard", "mlflow"] = "none"
+    # Where the local store lives; null: RUN/tensorboard or RUN/mlflow. Relative paths are inside the run folder.
+    directory: str | None = None
+    mlflow_uri: str | None = None  # an MLflow tracking server or database URI instead of the local store
+    experiment: str = "fedchurn"  # MLflow experiment; each run is named after its run identity
+
+    def __post_init__(self) -> None:
+        require(
+            self.backend in ("none", "tensorboard", "mlflow"),
+            "tracking.backend",
+            self.backend,
+            "must be none, tensorboard or mlflow",
+        )
+        if self.directory is not None:
+            require(
+                bool(self.directory.strip()) and "\x00" not in self.directory,
+                "tracking.directory",
+                self.directory,
+                "must name a folder (or null for the default inside the run folder)",
+            )
+        if self.mlflow_uri is not None:
+            require(
+                bool(self.mlflow_uri.strip()),
+                "tracking.mlflow_uri",
+                self.mlflow_uri,
+                "must be a tracking URI such as http://host:5000 (or null for the local store)",
+            )
+        require(
+            bool(self.experiment.strip()) and len(self.experiment) <= 250,
+            "tracking.experiment",
+            self.experiment,
+            "must be a name of 1..250 characters",
+        )
+
+
+@dataclass(frozen=True)
 class FedChurnConfig:
     """A whole federated run."""
 
@@ -399,6 +443,7 @@ class FedChurnConfig:
     # Simulated banks' own privacy policies (shared/policy.py); a real bank reads its policy from its node config.
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**31, "seed", self.seed, "must be in [0, 2^31)")

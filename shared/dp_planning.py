@@ -32,7 +32,7 @@ from typing import Literal
 
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.privacy import noise_multiplier_for, sample_rate_for
+from fedchurn.shared.privacy_accounting import noise_multiplier_for, sample_rate_for
 
 logger = logging.getLogger(__name__)
 

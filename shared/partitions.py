@@ -26,15 +26,9 @@ from typing import Any
 import numpy as np
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, config_to_dict
 from fedchurn.shared.errors import DataError
-from fedchurn.shared.table_checks import (
-    CheckedRows,
-    RawTable,
-    check_rows,
-    columns_to_read,
-    institution_codes,
-    log_extra_columns,
-    read_csv_table,
-)
+from fedchurn.shared.institution_file import columns_to_read, log_extra_columns, read_csv_table
+from fedchurn.shared.raw_table import CheckedRows, RawTable
+from fedchurn.shared.table_checks import check_rows, institution_codes
 from fedchurn.shared.table_io import forget_tables, read_columns, read_header
 
 logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)

@@ -1,9 +1,9 @@
 """The bank's own privacy policy: what it will and will not do, whatever the server asks.
 
 The server writes the run-config every bank receives; a bank's customers need protection from exactly that
-party. So before a bank touches its data it checks the instruction (the run-config) against its policy, and
-declines with a reason code from a fixed list (``shared/decline.py``) when any rule is broken. Its own log says
-which rule refused which value; the server only learns the code.
+party. So before a bank touches its data it checks the instruction (the run-config) against its policy
+(``clients/policy_check.py``), and declines with a reason code from a fixed list (``shared/decline.py``) when any
+rule is broken. Its own log says which rule refused which value; the server only learns the code.
 
 Where a bank's policy comes from:
 
@@ -26,12 +26,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fedchurn.shared.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fedchurn.shared.config import FedChurnConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +37,6 @@ __all__ = [
     "BankPolicy",
     "PolicyConfig",
     "PolicyOverride",
-    "PolicyViolation",
-    "check_instruction",
     "load_policy",
     "policy_for_simulated_bank",
 ]
@@ -231,53 +226,3 @@ def load_policy(path: str | Path) -> BankPolicy:
         if isinstance(merged[key], str):
             raise ConfigError(f"policy.{key}", merged[key], "must be a number", "YAML reads 1e-5 as text: write 1.0e-5")
     return BankPolicy(**merged)
-
-
-@dataclass(frozen=True)
-class PolicyViolation:
-    """Which rule refused which value: ``code`` goes to the server, ``detail`` only to the bank's own log."""
-
-    code: str
-    detail: str
-
-
-def check_instruction(policy: BankPolicy, config: FedChurnConfig, *, real_bank: bool) -> PolicyViolation | None:
-    """The first rule of ``policy`` the instruction ``config`` breaks, or None. Looks at no data."""
-    privacy = config.privacy
-    if privacy.reproducible_noise and real_bank:
-        return PolicyViolation(
-            POLICY_REPRODUCIBLE_NOISE,
-            "privacy.reproducible_noise = true asks for noise the server can regenerate; a real bank never does",
-        )
-    if policy.require_dp and not privacy.enabled:
-        return PolicyViolation(POLICY_DP_REQUIRED, "privacy.enabled = false, but the policy requires DP (require_dp)")
-    if config.transfer.mode not in policy.allowed_transfer_modes:
-        return PolicyViolation(
-            POLICY_MODE_NOT_ALLOWED,
-            f"transfer.mode = {config.transfer.mode!r} is not in allowed_transfer_modes "
-            f"{list(policy.allowed_transfer_modes)}",
-        )
-    if policy.max_rounds_per_run is not None and config.rounds > policy.max_rounds_per_run:
-        return PolicyViolation(
-            POLICY_TOO_MANY_ROUNDS,
-            f"rounds = {config.rounds} is above max_rounds_per_run = {policy.max_rounds_per_run}",
-        )
-    if not privacy.enabled:
-        return None
-    if privacy.noise_multiplier is not None and privacy.noise_multiplier < policy.min_noise_multiplier:
-        return PolicyViolation(
-            POLICY_NOISE_TOO_LOW,
-            f"privacy.noise_multiplier = {privacy.noise_multiplier:g} is below min_noise_multiplier = "
-            f"{policy.min_noise_multiplier:g}",
-        )
-    if policy.max_clipping_norm is not None and privacy.clipping_norm > policy.max_clipping_norm:
-        return PolicyViolation(
-            POLICY_CLIPPING_TOO_HIGH,
-            f"privacy.clipping_norm = {privacy.clipping_norm:g} is above max_clipping_norm = "
-            f"{policy.max_clipping_norm:g}",
-        )
-    if policy.max_delta is not None and privacy.delta > policy.max_delta:
-        return PolicyViolation(
-            POLICY_DELTA_TOO_HIGH, f"privacy.delta = {privacy.delta:g} is above max_delta = {policy.max_delta:g}"
-        )
-    return None

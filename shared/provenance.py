@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from fedchurn.shared.config import FedChurnConfig, SchemaConfig
-from fedchurn.shared.data import resolve_schema
 from fedchurn.shared.errors import CheckpointError
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.model import load_encoder_checkpoint
 
 logger = logging.getLogger(__name__)

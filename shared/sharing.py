@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
-from fedchurn.shared.data import derive_seed
 from fedchurn.shared.errors import CheckpointError
 from fedchurn.shared.model import (
     ENCODER_PREFIX,

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from fedchurn.shared.config import INSTITUTION_NAME_RULE, SchemaConfig, is_valid_institution_name
-from fedchurn.shared.errors import ConfigError, DataError
-from fedchurn.shared.table_io import ColumnTable, read_columns, read_header
+from fedchurn.shared.errors import DataError
+from fedchurn.shared.raw_table import CheckedRows
+from fedchurn.shared.table_io import ColumnTable
 
 logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)
 
@@ -27,91 +26,6 @@ MISSING_POLICIES = ("error", "drop", "impute")
 # A declared category named so collects every undeclared value of its column (schema inference uses it for
 # values seen at one institution only); without it an undeclared value is an error.
 OTHER = "(other)"
-
-
-@dataclass(frozen=True, eq=False)
-class RawTable:
-    """One institution's rows, already checked against the schema (no scaling, no imputation yet)."""
-
-    institution: str
-    source: str  # file path, or "synthetic"
-    numeric: np.ndarray  # float64 (n, len(schema.numeric)); NaN where a cell was blank, NaN or inf
-    categorical: np.ndarray  # object (n, len(schema.categorical)) of str; None where a cell was blank
-    labels: np.ndarray | None  # int64 0/1 (n,); None when the label column is absent
-    line_numbers: np.ndarray  # int64 (n,): 1-based CSV line of each row (the header is line 1)
-    schema: SchemaConfig
-    rows_dropped: int = 0  # rows removed by missing_values="drop" when this table was read
-    positive_value: str | None = None  # the label text that meant churn / did not, as read (write_csv uses them)
-    negative_value: str | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.line_numbers)
-        # Shapes are a programming contract, not user input: a mismatch is a bug.
-        if self.numeric.shape != (n, len(self.schema.numeric)):
-            raise ValueError(f"numeric has shape {self.numeric.shape}, expected {(n, len(self.schema.numeric))}")
-        if self.categorical.shape != (n, len(self.schema.categorical)):
-            raise ValueError(
-                f"categorical has shape {self.categorical.shape}, expected {(n, len(self.schema.categorical))}"
-            )
-        if self.labels is not None and self.labels.shape != (n,):
-            raise ValueError(f"labels has shape {self.labels.shape}, expected {(n,)}")
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.line_numbers)
-
-    @property
-    def n_positive(self) -> int:
-        return 0 if self.labels is None else int(self.labels.sum())
-
-    @property
-    def n_blank(self) -> int:
-        """Missing cells kept for imputation (blank, NaN or inf numeric -> NaN; blank categorical -> None)."""
-        return int(np.isnan(self.numeric).sum()) + int(np.sum(self.categorical == None))  # noqa: E711
-
-    def take(self, indices: np.ndarray) -> RawTable:
-        """The rows at ``indices``, in that order, with the same metadata."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return replace(
-            self,
-            numeric=self.numeric[idx],
-            categorical=self.categorical[idx],
-            labels=None if self.labels is None else self.labels[idx],
-            line_numbers=self.line_numbers[idx],
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class CheckedRows:
-    """Checked values in compact form: category codes instead of text (what the partition cache stores)."""
-
-    numeric: np.ndarray  # float64 (n, k), NaN where blank
-    codes: np.ndarray  # int16 (n, m): index into the declared categories, -1 where blank
-    labels: np.ndarray | None  # int64 0/1 (n,)
-    line_numbers: np.ndarray  # int64 (n,)
-    rows_dropped: int
-    positive_value: str | None
-    negative_value: str | None
-    kept: np.ndarray | None = None  # int64 indices of the rows kept (missing_values="drop"); None: all
-
-    def to_raw_table(self, schema: SchemaConfig, *, institution: str, source: str) -> RawTable:
-        n = len(self.line_numbers)
-        categorical = np.empty((n, len(schema.categorical)), dtype=object)
-        for j, values in enumerate(schema.categorical.values()):
-            lookup = np.array([*values, None], dtype=object)  # code -1 -> None
-            categorical[:, j] = lookup[self.codes[:, j]]
-        return RawTable(
-            institution=institution,
-            source=source,
-            numeric=np.asarray(self.numeric, dtype=np.float64),
-            categorical=categorical,
-            labels=None if self.labels is None else np.asarray(self.labels, dtype=np.int64),
-            line_numbers=np.asarray(self.line_numbers, dtype=np.int64),
-            schema=schema,
-            rows_dropped=self.rows_dropped,
-            positive_value=self.positive_value,
-            negative_value=self.negative_value,
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,86 +338,3 @@ def check_rows(
             fix="check data.schema.positive and the institution's rows",
         )
     return CheckedRows(numeric, codes, labels, line_numbers, rows_dropped, positive_value, negative_value, kept)
-
-
-# --------------------------------------------------------------------------------------------------
-# One institution from a file
-# --------------------------------------------------------------------------------------------------
-
-
-def columns_to_read(
-    header: tuple[str, ...], schema: SchemaConfig, *, require_label: bool, institution_column: str | None
-) -> tuple[list[str], list[str], bool]:
-    """(columns, their roles, whether the label is read) for a table following ``schema``."""
-    columns = [*schema.numeric, *schema.categorical]
-    roles = ["numeric"] * len(schema.numeric) + ["categorical"] * len(schema.categorical)
-    has_label = schema.label in header or require_label
-    if has_label:
-        columns.append(schema.label)
-        roles.append("label")
-    if institution_column:
-        columns.append(institution_column)
-        roles.append("institution")
-    return columns, roles, has_label
-
-
-def log_extra_columns(name: str, header: tuple[str, ...], schema: SchemaConfig, institution_column: str | None) -> None:
-    used = {schema.label, *schema.numeric, *schema.categorical, *schema.drop}
-    if institution_column:
-        used.add(institution_column)
-    extra = [h for h in header if h not in used]
-    if extra:
-        logger.info("%s: ignoring columns not in the schema: %s", name, ", ".join(extra))
-
-
-def read_csv_table(
-    path: str | Path,
-    schema: SchemaConfig,
-    *,
-    institution: str,
-    missing_values: str,
-    require_label: bool = True,
-    institution_column: str | None = None,
-) -> RawTable:
-    """Read and check one institution's rows from a CSV (or Parquet) file.
-
-    With ``institution_column`` only the rows whose value there is ``institution`` are kept. With
-    ``require_label=False`` (scoring new customers) the label column may be absent, or present with every cell
-    blank; then ``labels`` is None.
-    """
-    if missing_values not in MISSING_POLICIES:
-        raise ConfigError("data.missing_values", missing_values, f"must be one of {', '.join(MISSING_POLICIES)}")
-    header = read_header(path)
-    columns, roles, has_label = columns_to_read(
-        header, schema, require_label=require_label, institution_column=institution_column
-    )
-    table = read_columns(path, columns, roles=roles)
-    log_extra_columns(table.path, header, schema, institution_column)
-    if institution_column:
-        values, codes = institution_codes(table, institution_column)
-        if institution not in values:
-            raise DataError(
-                f"no rows for institution {institution!r}",
-                path=table.path,
-                column=institution_column,
-                fix=f"institutions in the file: {', '.join(repr(v) for v in sorted(values))}",
-            )
-        table = table.take(np.flatnonzero(codes == values.index(institution)))
-    checked = check_rows(
-        table,
-        schema,
-        institution=institution,
-        missing_values=missing_values,
-        require_label=require_label,
-        has_label=has_label,
-    )
-    return checked.to_raw_table(schema, institution=institution, source=table.path)
-
-
-def institution_first_lines(path: str, column: str) -> dict[str, int]:
-    """Distinct values of one column -> first line; blank or unusable values are errors."""
-    table = read_columns(path, [column], roles=["institution"])
-    values, codes = institution_codes(table, column)
-    first = np.full(len(values), -1, dtype=np.int64)
-    first[codes[::-1]] = np.arange(len(codes), dtype=np.int64)[::-1]
-    return {v: int(table.line_numbers[r]) for v, r in zip(values, first.tolist(), strict=True)}

@@ -26,7 +26,7 @@ TRAIN_METRICS = (
     "delta",
     "noise-multiplier",
 )
-# Evaluation metrics are computed at the bank from DP-released score histograms only (shared/private_metrics.py);
+# Evaluation metrics are computed at the bank from DP-released score histograms only (clients/private_metrics.py);
 # num-examples and n-test are the noisy test-row count.
 EVALUATE_METRICS = (
     WEIGHT_KEY,

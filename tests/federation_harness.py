@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fedchurn.shared.config import SyntheticConfig
-from fedchurn.shared.data import generate_synthetic_institution, write_csv
+from fedchurn.shared.institution_rows import write_csv
+from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 
 from fedchurn.deployment.federation import (
     flower_environment,

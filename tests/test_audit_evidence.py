@@ -22,7 +22,7 @@ from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config, dump_config
-from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import CONSORTIUM_LEDGER_FILE, InstitutionLedger, JsonlChain
 from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,
@@ -31,12 +31,13 @@ from fedchurn.shared.ledger_signing import (
     load_or_create_signer,
     load_signer,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, compute_epsilon, epsilon_of
 from fedchurn.shared.wire import from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedchurn.auditing.evidence import check_what_ran, lifetime_epsilon
-from fedchurn.auditing.run_audit import InstitutionAudit, audit_run
+from fedchurn.auditing.findings import InstitutionAudit
+from fedchurn.auditing.run_audit import audit_run
 from fedchurn.cli.main import main
 
 ROUNDS = 3

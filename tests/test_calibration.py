@@ -8,13 +8,14 @@ import math
 
 import numpy as np
 import pytest
+from fedchurn.clients.calibration import Calibrator, fit_platt, fit_platt_histogram
+from fedchurn.clients.metrics import expected_calibration_error
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.private_evaluation import calibrator_from_releases, exact_histograms, reference_logit
-from fedchurn.shared.calibration import Calibrator, fit_platt, fit_platt_histogram
+from fedchurn.clients.private_metrics import BinSpec, EvaluationSettings, release_histogram, score_histogram
 from fedchurn.shared.config import default_config
-from fedchurn.shared.data import institution_names, prepare_institution
-from fedchurn.shared.metrics import expected_calibration_error
+from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.model import build_model
-from fedchurn.shared.private_metrics import BinSpec, EvaluationSettings, release_histogram, score_histogram
 from sklearn.linear_model import LogisticRegression
 
 SPEC = BinSpec(bins=10, logit_range=6.0)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from fedchurn.clients.app import make_client_app
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
 from fedchurn.server.app import initial_encoder
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from fedchurn.shared.data import prepare_institution, resolve_schema
-from fedchurn.shared.privacy import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
+from fedchurn.shared.institution_rows import resolve_schema
+from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
 from fedchurn.shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
 from flwr.app import Context, Message, MessageType, RecordDict
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
-from fedchurn.shared.data import prepare_institution
 from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -154,7 +154,7 @@ def test_reference_modes_and_baselines_over_two_seeds(tmp_path: Path) -> None:
 
 def test_local_epsilon_follows_the_accountant_for_the_derived_sigma(tmp_path: Path) -> None:
     """An independent check of local's ε: recompute it from the σ the target implies (RDP, same steps)."""
-    from fedchurn.shared.privacy import noise_multiplier_for
+    from fedchurn.shared.privacy_accounting import noise_multiplier_for
 
     config = _config(tmp_path)
     comparison = run_comparison(config, modes=("local",), target_epsilon=2.0, output_dir=tmp_path / "cmp")

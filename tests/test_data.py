@@ -1,4 +1,4 @@
-"""shared/data.py: checked CSV reading, synthetic consortium, splits, preprocessing, schema inference."""
+"""The data pipeline: checked CSV reading, synthetic consortium, secret splits, preprocessing, schema inference."""
 
 from __future__ import annotations
 
@@ -13,27 +13,24 @@ from typing import Literal
 
 import numpy as np
 import pytest
+from fedchurn.clients.prepared_institution import prepare_institution
+from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.clients.splits import UnbalancedSplitError, split_institution
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
-from fedchurn.shared.data import (
-    LABEL_POSITIVE_DEFAULTS,
-    SYNTHETIC_SCHEMA,
-    Preprocessor,
-    RawTable,
-    UnbalancedSplitError,
-    _generate_synthetic,
-    derive_seed,
-    generate_synthetic_institution,
-    infer_schema,
-    institution_names,
-    prepare_institution,
-    read_csv_table,
-    read_institution,
-    resolve_schema,
-    split_institution,
-    synthetic_profile,
-    write_csv,
-)
 from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.institution_file import read_csv_table
+from fedchurn.shared.institution_rows import institution_names, read_institution, resolve_schema, write_csv
+from fedchurn.shared.raw_table import RawTable
+from fedchurn.shared.synthetic_consortium import (
+    SYNTHETIC_SCHEMA,
+    _generate_synthetic,
+    generate_synthetic_institution,
+    synthetic_profile,
+)
+from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS
+
+from fedchurn.schema_inference import infer_schema
 
 SCHEMA = SchemaConfig(
     label="churn",
@@ -1082,7 +1079,7 @@ def test_inferred_bounds_are_rounded_outward_percentiles(tmp_path: Path) -> None
     schema = infer_schema(path, label="churn", institution_column="bank").schema
     # age runs 20..59 in every bank: 1st percentile 20.39 -> 20; 99th 59 - 0.39 = 58.61 -> 59.
     assert schema.bounds["age"] == (20.0, 59.0)
-    from fedchurn.shared.schema_inference import propose_bounds
+    from fedchurn.schema_inference import propose_bounds
 
     # By hand: 1st percentile 0.0123 + 0.02 * 0.4877 = 0.02205 -> 0.022; 99th 0.5 + 0.98 * 986.5 = 967.3 -> 970.
     assert propose_bounds(np.array([0.0123, 0.5, 987.0])) == (0.022, 970.0)

@@ -18,7 +18,7 @@ from fedchurn.shared.dp_planning import (
     planned_local_epochs,
 )
 from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.privacy import compute_epsilon
+from fedchurn.shared.privacy_accounting import compute_epsilon
 
 from fedchurn.auditing.independent_accounting import pld_epsilon
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from fedchurn.clients.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
 from fedchurn.shared.config import ModelConfig
-from fedchurn.shared.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
 from fedchurn.shared.model import build_model
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -120,7 +120,8 @@ def test_supports_only_linear_models() -> None:
 
 
 def test_make_private_vectorized_accounts_every_step_and_detaches() -> None:
-    from fedchurn.shared.privacy import AccountantState, compute_epsilon, epsilon_of, make_private
+    from fedchurn.clients.private_training import make_private
+    from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of
     from torch.utils.data import DataLoader
 
     x, y = _batch(rows=200)
@@ -167,7 +168,7 @@ def test_poisson_sampling_includes_each_row_independently_with_rate_q(rate: floa
 
 
 def test_uniform_subset_is_uniform() -> None:
-    from fedchurn.shared.dp_sgd import uniform_subset
+    from fedchurn.clients.dp_sgd import uniform_subset
 
     generator = torch.Generator().manual_seed(1)
     counts = torch.zeros(10)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedchurn.shared.data import infer_schema
+
+from fedchurn.schema_inference import infer_schema
 
 
 def _csv(path: Path, bad: str) -> Path:
@@ -34,8 +35,8 @@ def test_a_missing_or_non_finite_cell_keeps_the_numeric_column(tmp_path: Path, b
 
 @pytest.mark.parametrize("bad", ["NaN", "inf"])
 def test_a_non_finite_cell_follows_missing_values(tmp_path: Path, bad: str) -> None:
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.config import SchemaConfig, default_config
-    from fedchurn.shared.data import prepare_institution
     from fedchurn.shared.errors import FedChurnError
 
     path = _csv(tmp_path / "customers.csv", bad)
@@ -95,8 +96,8 @@ def _files(tmp_path: Path) -> list[Path]:
 
 
 def test_non_finite_cells_are_imputed_dropped_or_refused_like_blank_ones(tmp_path: Path) -> None:
-    from fedchurn.shared.data import read_csv_table
     from fedchurn.shared.errors import DataError
+    from fedchurn.shared.institution_file import read_csv_table
 
     for path in _files(tmp_path):
         imputed = read_csv_table(path, _schema(), institution="a", missing_values="impute")  # type: ignore[arg-type]
@@ -115,8 +116,8 @@ def test_non_finite_cells_are_imputed_dropped_or_refused_like_blank_ones(tmp_pat
 
 
 def test_a_cell_that_is_no_number_is_still_an_error(tmp_path: Path) -> None:
-    from fedchurn.shared.data import read_csv_table
     from fedchurn.shared.errors import DataError
+    from fedchurn.shared.institution_file import read_csv_table
 
     path = tmp_path / "bank.csv"
     path.write_text(_ROWS.replace("500", "5OO"))  # a typo is no missing value: imputing it would hide it

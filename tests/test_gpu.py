@@ -29,7 +29,7 @@ def _config(tmp_path: Path, **overrides: object):
 def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Path) -> None:
     from fedchurn.clients.institution import _device, resolve_institution, train_round
     from fedchurn.server.app import initial_encoder
-    from fedchurn.shared.data import resolve_schema
+    from fedchurn.shared.institution_rows import resolve_schema
     from flwr.app import RecordDict
 
     results = {}

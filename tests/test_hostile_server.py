@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from fedchurn.clients.app import make_client_app
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
@@ -29,15 +30,11 @@ from fedchurn.shared.config import (
     config_to_run_config,
     default_config,
 )
-from fedchurn.shared.data import (
-    SYNTHETIC_SCHEMA,
-    generate_synthetic_institution,
-    prepare_institution,
-    write_csv,
-)
 from fedchurn.shared.decline import is_decline, read_decline
+from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.ledger import InstitutionLedger
-from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
+from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 

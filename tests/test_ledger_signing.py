@@ -18,7 +18,7 @@ from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.strategy import Reply
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from fedchurn.shared.data import resolve_schema
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import InstitutionLedger, SignedHash
 from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,

@@ -1,4 +1,4 @@
-"""fedchurn.shared.metrics against hand-computed values, edge cases, and (where installed) scikit-learn."""
+"""fedchurn.clients.metrics against hand-computed values, edge cases, and (where installed) scikit-learn."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from fedchurn.shared.metrics import accuracy, binary_metrics, brier_score, pr_auc, risk_deciles, roc_auc
+from fedchurn.clients.metrics import accuracy, binary_metrics, brier_score, pr_auc, risk_deciles, roc_auc
 
 Y = np.array([0, 0, 1, 1])
 S = np.array([0.1, 0.4, 0.35, 0.8])

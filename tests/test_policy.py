@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from fedchurn.clients.policy_check import check_instruction
+from fedchurn.clients.row_identity import file_fingerprint
 from fedchurn.shared.config import (
     ConfigError,
     apply_overrides,
@@ -13,21 +15,14 @@ from fedchurn.shared.config import (
     config_to_run_config,
     default_config,
 )
-from fedchurn.shared.policy import (
-    CONSERVATIVE_POLICY,
-    BankPolicy,
-    check_instruction,
-    load_policy,
-    policy_for_simulated_bank,
-)
-from fedchurn.shared.privacy import (
+from fedchurn.shared.policy import CONSERVATIVE_POLICY, BankPolicy, load_policy, policy_for_simulated_bank
+from fedchurn.shared.privacy_accounting import (
     AccountantState,
     compute_epsilon,
     epsilon_of,
     noise_multiplier_after,
     noise_multiplier_for,
 )
-from fedchurn.shared.row_identity import file_fingerprint
 
 
 def test_a_policy_file_fills_missing_keys_conservatively_and_refuses_unknown_ones(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""fedchurn.shared.privacy: known ε values, composition across rounds, and Opacus' DP-SGD mechanics."""
+"""The accountant (shared/privacy_accounting) and DP-SGD training (clients/private_training): known ε values,
+composition across rounds, and Opacus' DP-SGD mechanics."""
 
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ from typing import Any
 
 import pytest
 import torch
+from fedchurn.clients.private_training import PrivateTraining, make_private, unwrap
 from fedchurn.shared.config import PrivacyConfig
 from fedchurn.shared.errors import PrivacyError
-from fedchurn.shared.privacy import (
+from fedchurn.shared.privacy_accounting import (
     ACCOUNTANTS,
     AccountantState,
     MechanismStep,
-    PrivateTraining,
     check_delta,
     compute_epsilon,
     epsilon_of,
-    make_private,
     noise_multiplier_for,
     resolve_noise_multiplier,
     sample_rate_for,
-    unwrap,
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -137,7 +136,7 @@ def test_compute_epsilon_refuses_bad_input(kwargs: dict[str, Any], message: str)
 def test_prv_falls_back_to_rdp_when_its_grid_would_not_fit(caplog: pytest.LogCaptureFixture) -> None:
     # σ = 0.3 at q = 0.5 for 10,000 steps: PRV would allocate ~2e9 grid points and get the process killed
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="fedchurn.shared.privacy"):
+    with caplog.at_level(logging.WARNING, logger="fedchurn.shared.privacy_accounting"):
         prv = compute_epsilon(noise_multiplier=0.3, sample_rate=0.5, steps=10_000, delta=1e-5, accountant="prv")
     assert time.perf_counter() - start < 5
     assert prv == compute_epsilon(noise_multiplier=0.3, sample_rate=0.5, steps=10_000, delta=1e-5, accountant="rdp")

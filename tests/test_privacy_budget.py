@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedchurn.clients.app import make_client_app
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.institution_dp import InstitutionLevelDP, gaussian_composition_epsilon
@@ -24,11 +25,11 @@ from fedchurn.server.privacy_oversight import DeclineScreen, PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared.config import BudgetConfig, FedChurnConfig, InstitutionDPConfig, SyntheticConfig, default_config
-from fedchurn.shared.data import prepare_institution, resolve_schema
 from fedchurn.shared.decline import DECLINE_METRICS
 from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import GENESIS, InstitutionLedger, canonical_json
-from fedchurn.shared.privacy import compute_epsilon, sample_rate_for
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 

@@ -15,14 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedchurn.clients.app import make_client_app
+from fedchurn.clients.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
+from fedchurn.clients.metrics import risk_deciles
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.private_evaluation import KEPT_MODEL_FILE, KEPT_RECORD_FILE
+from fedchurn.clients.private_metrics import (
+    BinSpec,
+    histogram_auc,
+    histogram_metrics,
+    histogram_pr_auc,
+    release_histogram,
+    score_histogram,
+    secure_rng,
+)
 from fedchurn.clients.training import steps_per_round
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared.bank_random import bank_secret_key
-from fedchurn.shared.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
 from fedchurn.shared.config import (
     BudgetConfig,
     EvaluationConfig,
@@ -32,21 +43,18 @@ from fedchurn.shared.config import (
     default_config,
     dump_config,
 )
-from fedchurn.shared.data import generate_synthetic_institution, prepare_institution, resolve_schema, write_csv
 from fedchurn.shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
 from fedchurn.shared.errors import DataError
+from fedchurn.shared.institution_rows import resolve_schema, write_csv
 from fedchurn.shared.ledger import InstitutionLedger
-from fedchurn.shared.metrics import risk_deciles
-from fedchurn.shared.privacy import AccountantState, MechanismStep, compute_epsilon, epsilon_of, sample_rate_for
-from fedchurn.shared.private_metrics import (
-    BinSpec,
-    histogram_auc,
-    histogram_metrics,
-    histogram_pr_auc,
-    release_histogram,
-    score_histogram,
-    secure_rng,
+from fedchurn.shared.privacy_accounting import (
+    AccountantState,
+    MechanismStep,
+    compute_epsilon,
+    epsilon_of,
+    sample_rate_for,
 )
+from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 from fedchurn.shared.wire import EVALUATE_METRICS, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -431,7 +439,7 @@ def test_evaluation_config_names_key_value_and_rule() -> None:
 
 def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -> None:
     from fedchurn.clients.private_evaluation import calibrator_from_releases as _calibrator
-    from fedchurn.shared.private_metrics import EvaluationSettings
+    from fedchurn.clients.private_metrics import EvaluationSettings
 
     settings = EvaluationSettings(
         mode="dp", noise_multiplier=4.0, spec=BinSpec(bins=10, logit_range=6.0), every_rounds=0
@@ -445,7 +453,7 @@ def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -
 
 
 def test_planned_releases_count_what_the_release_rule_allows() -> None:
-    from fedchurn.shared.private_metrics import EvaluationSettings
+    from fedchurn.clients.private_metrics import EvaluationSettings
 
     spec = BinSpec(bins=10, logit_range=6.0)
 
@@ -462,9 +470,9 @@ def test_planned_releases_count_what_the_release_rule_allows() -> None:
 
 def test_the_server_cannot_lower_evaluation_noise_or_turn_it_on_past_the_banks_policy() -> None:
     """The run's evaluation section is the server's ask; the bank's policy bounds it."""
+    from fedchurn.clients.private_metrics import evaluation_settings
     from fedchurn.shared.config import apply_overrides, default_config
     from fedchurn.shared.policy import CONSERVATIVE_POLICY
-    from fedchurn.shared.private_metrics import evaluation_settings
 
     hostile = apply_overrides(default_config(), {"evaluation.noise_multiplier": 0.5, "evaluation.mode": "dp"})
     assert evaluation_settings(hostile, policy=CONSERVATIVE_POLICY).noise_multiplier == 5.0

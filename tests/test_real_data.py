@@ -49,9 +49,9 @@ def test_federation_on_real_data(real_data_dir: Path, tmp_path: Path, name: str)
 def _kept_model_auc(out: Path, config: FedChurnConfig, institution: str) -> float:
     import torch
     from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.clients.metrics import roc_auc
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.bank_random import bank_secret_key
-    from fedchurn.shared.data import prepare_institution
-    from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
 
     home = out / "institutions" / institution

@@ -11,7 +11,7 @@ import pytest
 from fedchurn.server.resume import STATE_FILE, config_fingerprint, load_resume_point
 from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
 from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.privacy import AccountantState, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, epsilon_of
 
 from fedchurn.simulation.driver import plan_simulation, run_simulation
 

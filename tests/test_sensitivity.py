@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.clients.splits import split_institution
 from fedchurn.shared.config import (
     DataConfig,
     FedChurnConfig,
@@ -25,16 +27,11 @@ from fedchurn.shared.config import (
     config_to_dict,
     config_to_run_config,
 )
-from fedchurn.shared.data import (
-    SYNTHETIC_SCHEMA,
-    Preprocessor,
-    RawTable,
-    generate_synthetic_institution,
-    read_csv_table,
-    split_institution,
-    write_csv,
-)
+from fedchurn.shared.institution_file import read_csv_table
+from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.model import build_model
+from fedchurn.shared.raw_table import RawTable
+from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
 from torch import nn
 
 C = 1.0  # clipping norm

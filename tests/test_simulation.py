@@ -66,9 +66,9 @@ def _exact_test_auc(out: Path, name: str) -> float:
     """AUC of the institution's kept model on its exact test rows (the bank's own view; never sent)."""
     import torch
     from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.clients.metrics import roc_auc
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.config import load_config
-    from fedchurn.shared.data import prepare_institution
-    from fedchurn.shared.metrics import roc_auc
     from fedchurn.shared.model import build_model
 
     config = load_config(out / "config.yaml")
@@ -96,7 +96,7 @@ def test_per_round_records_and_artifacts(two_runs) -> None:
 
 
 def _features() -> tuple[str, ...]:
-    from fedchurn.shared.data import SYNTHETIC_SCHEMA
+    from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA
 
     return SYNTHETIC_SCHEMA.feature_names
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.shared.config import SchemaConfig, default_config
-from fedchurn.shared.data import prepare_institution, read_institution
 from fedchurn.shared.errors import DataError
+from fedchurn.shared.institution_rows import read_institution
 from fedchurn.shared.partitions import cache_folder
 
 from fedchurn.simulation.driver import discard_plan, plan_simulation
@@ -53,7 +54,7 @@ def test_plan_stages_partitions_that_the_workers_read_and_discard_removes(
     def no_second_read(*args: object, **kwargs: object) -> None:
         raise AssertionError("the worker read the file again")
 
-    monkeypatch.setattr("fedchurn.shared.data.read_institution", no_second_read)
+    monkeypatch.setattr("fedchurn.clients.prepared_institution.read_institution", no_second_read)
     staged = prepare_institution(plan.config, "y")  # from the staged rows only
     assert np.array_equal(staged.x_train, direct.x_train) and np.array_equal(staged.y_test, direct.y_test)
     path.write_text(path.read_text() + "y,50,1.0,a,no\n")  # a changed file: the staged rows are not used

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 from fedchurn.clients.app import make_client_app
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import train_locally
 from fedchurn.clients.transfer import train_round_phases
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared import model as model_module
 from fedchurn.shared import transfer
 from fedchurn.shared.config import FedChurnConfig, StrategyConfig, SyntheticConfig, config_to_run_config, default_config
-from fedchurn.shared.data import prepare_institution, resolve_schema
 from fedchurn.shared.errors import CheckpointError, ConfigError
-from fedchurn.shared.privacy import AccountantState, compute_epsilon, sample_rate_for
+from fedchurn.shared.institution_rows import resolve_schema
+from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, sample_rate_for
 from fedchurn.shared.sharing import initial_shared_arrays, load_shared_arrays, outgoing_arrays, split_shared
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict

@@ -12,8 +12,8 @@ from fedchurn.clients.app import make_client_app
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.warmup import WARM_UP_GROUP, warm_up_nodes
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
-from fedchurn.shared.data import resolve_schema
 from fedchurn.shared.errors import DataError
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.wire import to_array_record
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 

@@ -8,7 +8,7 @@ import math
 import re
 from pathlib import Path
 
-from fedchurn.auditing.run_audit import (
+from fedchurn.auditing.findings import (
     BELOW_PLD_TOLERANCE,
     RDP_ABS_LIMIT,
     RDP_RATIO_LIMIT,

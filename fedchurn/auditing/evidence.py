@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedchurn.auditing.findings import InstitutionAudit
 from fedchurn.shared.ledger import ChainEntry, InstitutionLedger, LedgerError
 from fedchurn.shared.ledger_signing import (
     BANK_KEY_FILE,
@@ -35,10 +36,9 @@ from fedchurn.shared.ledger_signing import (
     load_signer,
     verify,
 )
-from fedchurn.shared.privacy import AccountantState, MechanismStep, epsilon_of
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 
 if TYPE_CHECKING:
-    from fedchurn.auditing.run_audit import InstitutionAudit
     from fedchurn.shared.config import FedChurnConfig
 
 __all__ = ["check_signatures", "check_what_ran", "consortium_public_key", "lifetime_epsilon"]

@@ -1,6 +1,6 @@
 """A second, independent accountant: Google's dp-accounting (PLD and RDP). Never imports Opacus.
 
-Used to check the ε Opacus reports (``shared/privacy.py``) and as the ``pld`` accountant of
+Used to check the ε Opacus reports (``shared/privacy_accounting.py``) and as the ``pld`` accountant of
 ``fedchurn privacy epsilon|plan``. PLD (privacy loss distributions, pessimistic discretisation) gives the
 tightest valid ε of the three; RDP is looser; Opacus' PRV lies within its stated error above PLD.
 

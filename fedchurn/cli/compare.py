@@ -15,8 +15,9 @@ DEFAULT_TARGET_EPSILON = 3.0
 
 
 def _planned(config: Any) -> Any:
-    from fedchurn.shared.data import institution_names, prepare_institution
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.dp_planning import plan_consortium
+    from fedchurn.shared.institution_rows import institution_names
 
     names = institution_names(config.data, seed=config.seed)
     sizes = [len(prepare_institution(config, name).y_train) for name in names]  # row counts only

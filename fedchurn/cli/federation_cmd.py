@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo_data(out: Path, *, institutions: int, seed: int) -> None:
     from fedchurn.shared.config import SyntheticConfig
-    from fedchurn.shared.data import generate_synthetic_institution, write_csv
+    from fedchurn.shared.institution_rows import write_csv
+    from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 
     synthetic = SyntheticConfig(institutions=institutions)
     for index in range(institutions):

@@ -10,13 +10,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fedchurn.cli import audit_cmd, config_cmd, privacy_cmd, simulate
+from fedchurn.cli import audit_cmd, config_cmd, privacy_cmd, report_cmd, simulate
 from fedchurn.cli.federated import FEDERATION_COMMANDS
 from fedchurn.cli.transfer import TRANSFER_COMMANDS
 from fedchurn.shared.errors import FedChurnError
 
 EXIT_USER_ERROR = 2
-COMMANDS = (simulate, config_cmd, privacy_cmd, audit_cmd, *FEDERATION_COMMANDS, *TRANSFER_COMMANDS)
+COMMANDS = (simulate, config_cmd, privacy_cmd, audit_cmd, report_cmd, *FEDERATION_COMMANDS, *TRANSFER_COMMANDS)
 
 
 def _build_parser() -> argparse.ArgumentParser:

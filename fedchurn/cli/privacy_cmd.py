@@ -11,12 +11,12 @@ ACCOUNTANT_CHOICES = ("rdp", "prv", "pld")
 
 
 def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """rdp/prv: Opacus (shared/privacy); pld: Google's dp-accounting (fedchurn/auditing/independent_accounting)."""
+    """ε: rdp/prv from Opacus' accountants (shared/privacy_accounting), pld from dp-accounting (fedchurn/auditing)."""
     if accountant == "pld":
         from fedchurn.auditing.independent_accounting import pld_epsilon
 
         return pld_epsilon([(noise_multiplier, sample_rate, steps)], delta=delta)
-    from fedchurn.shared.privacy import compute_epsilon
+    from fedchurn.shared.privacy_accounting import compute_epsilon
 
     return compute_epsilon(
         noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
@@ -30,7 +30,7 @@ def noise_multiplier(*, target_epsilon: float, sample_rate: float, steps: int, d
         return pld_noise_multiplier_for(
             target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps
         )
-    from fedchurn.shared.privacy import noise_multiplier_for
+    from fedchurn.shared.privacy_accounting import noise_multiplier_for
 
     return noise_multiplier_for(
         target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant

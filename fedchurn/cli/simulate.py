@@ -60,7 +60,7 @@ def add_run_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def _quick_start_config(args: argparse.Namespace, base: FedChurnConfig) -> FedChurnConfig:
-    from fedchurn.shared.data import infer_schema
+    from fedchurn.schema_inference import infer_schema
 
     missing = [
         flag
@@ -246,4 +246,6 @@ def run(args: argparse.Namespace) -> int:
             f"{len(summary['dropped_replies'])} replies were dropped; reasons in {plan.config.output_dir}/rounds.jsonl"
         )
     print(f"Run took {summary['seconds']:.1f} s. Results: {plan.config.output_dir}/summary.json")
+    if (Path(plan.config.output_dir) / "report.html").is_file():
+        print(f"Report: {plan.config.output_dir}/report.html")
     return 0

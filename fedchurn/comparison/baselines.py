@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from fedchurn.clients.evaluation import evaluate
+from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.clients.training import steps_per_round, train_locally
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
-from fedchurn.shared.data import PreparedInstitution, derive_seed, prepare_institution
 from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.model import ChurnModel, build_model, encoder_arrays, load_encoder_arrays
-from fedchurn.shared.privacy import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
+from fedchurn.shared.privacy_accounting import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
 
 
 def fresh_model(config: FedChurnConfig, *, input_dim: int) -> ChurnModel:
@@ -122,7 +123,7 @@ def run_sklearn(config: FedChurnConfig, institutions: Sequence[str], *, kind: st
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
 
-    from fedchurn.shared.metrics import brier_score, pr_auc, roc_auc
+    from fedchurn.clients.metrics import brier_score, pr_auc, roc_auc
 
     results: dict[str, dict[str, Any]] = {}
     for name in institutions:

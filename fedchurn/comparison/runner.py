@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from fedchurn.shared.config import FedChurnConfig, dump_config
-from fedchurn.shared.data import institution_names
 from fedchurn.shared.errors import ConfigError, FedChurnError
+from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.transfer import FEDERATED_MODES
 
 logger = logging.getLogger(__name__)
@@ -183,9 +183,9 @@ def _run_mode(
 def _exact_metrics(config: FedChurnConfig, name: str) -> dict[str, Any]:
     """A bank's final model (the run's encoder, its head) on its test rows, as the baselines', and its ε."""
     from fedchurn.clients.evaluation import predict_logits
+    from fedchurn.clients.metrics import pr_auc, roc_auc
+    from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.scoring import final_model
-    from fedchurn.shared.data import prepare_institution
-    from fedchurn.shared.metrics import pr_auc, roc_auc
 
     data = prepare_institution(config, name)
     run = Path(config.output_dir)
@@ -263,4 +263,7 @@ def run_comparison(
     (out / COMPARISON_MD).write_text(markdown_table(comparison), encoding="utf-8")
     (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     plot_comparison(comparison, out / COMPARISON_PNG)
+    from fedchurn.reporting import write_report_safely
+
+    write_report_safely(out)  # report.html of the comparison; a failure is logged, never the comparison's
     return comparison

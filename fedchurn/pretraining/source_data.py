@@ -14,19 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig, SchemaConfig
-from fedchurn.shared.data import (
-    Preprocessor,
-    RawTable,
-    SyntheticProfile,
-    derive_seed,
-    generate_synthetic_rows,
-    read_csv_table,
-    resolve_schema,
-    synthetic_profile,
-)
 from fedchurn.shared.errors import ConfigError, DataError
+from fedchurn.shared.institution_file import read_csv_table
+from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.provenance import array_fingerprint, file_fingerprint
+from fedchurn.shared.raw_table import RawTable
+from fedchurn.shared.synthetic_consortium import SyntheticProfile, generate_synthetic_rows, synthetic_profile
 
 SOURCE_NAME = "source"
 

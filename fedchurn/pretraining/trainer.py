@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedchurn.clients.metrics import roc_auc
 from fedchurn.pretraining.source_data import SourceData, load_source
 from fedchurn.shared.config import FedChurnConfig, ModelConfig, config_to_dict
 from fedchurn.shared.errors import SimulationError
-from fedchurn.shared.metrics import roc_auc
 from fedchurn.shared.model import ENCODER_PREFIX, ChurnHead, Encoder, build_encoder, save_encoder_checkpoint
 from fedchurn.shared.provenance import PROVENANCE_VERSION, library_versions, schema_metadata
 

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedchurn.clients.prepared_institution import prepare_institution
+from fedchurn.clients.splits import UnbalancedSplitError
 from fedchurn.shared.config import FedChurnConfig, config_to_run_config
-from fedchurn.shared.data import UnbalancedSplitError, institution_names, prepare_institution
 from fedchurn.shared.errors import FedChurnError, SimulationError
+from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.partitions import remove_partitions, stage_partitions
 
 logger = logging.getLogger(__name__)
@@ -252,6 +254,9 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    from fedchurn.reporting import write_report_safely
+
+    write_report_safely(output_dir)  # report.html; a failure is logged, never the run's
     if not summary["institutions"] and not _trained_any(output_dir):
         # (With evaluation off no metrics leave the banks, so the summary lists none: training is what counts.)
         reasons = "; ".join(f"{d['institution']}: {d['reason']}" for d in summary["dropped_replies"][:5])

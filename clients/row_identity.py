@@ -18,12 +18,9 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fedchurn.shared.errors import DataError
-
-if TYPE_CHECKING:
-    from fedchurn.shared.data import RawTable
+from fedchurn.shared.raw_table import RawTable
 
 __all__ = ["file_fingerprint", "row_bytes", "rows_fingerprint", "table_fingerprint"]
 

@@ -1,7 +1,7 @@
 """Calibrated churn probabilities and fixed risk deciles (numpy only).
 
 A bank fits Platt scaling, p = sigmoid(a·logit + b), on its own *released* validation histogram
-(``shared/private_metrics.py``): every histogram bin stands for its centre logit with its (noisy, clipped) churner
+(``clients/private_metrics.py``): every histogram bin stands for its centre logit with its (noisy, clipped) churner
 and non-churner counts as weights. The fit reads nothing but the released histogram, so it is post-processing and
 costs no privacy beyond that release. The slope is kept positive, so calibration never reorders customers.
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from fedchurn.shared.config import SchemaConfig
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.table_checks import (
