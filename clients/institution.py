@@ -30,7 +30,7 @@ from fedchurn.clients.training import steps_per_round
 from fedchurn.clients.transfer import train_round_phases
 from fedchurn.shared.bank_random import SeedSource, bank_secret_key, derive_seed, renew_bank_secret_key
 from fedchurn.shared.config import FedChurnConfig, config_to_dict
-from fedchurn.shared.decline import BUDGET_EXHAUSTED, Decline
+from fedchurn.shared.decline import BUDGET_EXHAUSTED, DELTA_TOO_HIGH_FOR_ROWS, Decline
 from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.errors import FedChurnError, PrivacyError
 from fedchurn.shared.institution_rows import institution_names, resolve_schema
@@ -271,7 +271,10 @@ def train_round(
         n_train=n_train, batch_size=config.training.batch_size, local_epochs=epochs_per_round(config)
     )
     if config.privacy.enabled:
-        check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        try:
+            check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        except PrivacyError as refused:  # n and the message stay here; the server gets the fixed code only
+            _decline_policy(institution, server_round, DELTA_TOO_HIGH_FOR_ROWS, str(refused))
         _plan_noise(institution, state, lifetime, server_round=server_round, sample_rate=sample_rate, steps=round_steps)
     sigma = (state.noise_multiplier or 0.0) if config.privacy.enabled else 0.0
     # Declines (raises BankDeclined) when this round would take the lifetime ε past the bank's cap.

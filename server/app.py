@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedchurn.server.app_logging import log_through_flower
 from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
 from fedchurn.server.resume import ResumableRun, check_new_run_folder
@@ -76,7 +77,7 @@ def run_federation(
     start_arrays = resumable.arrays_or(initial_shared_arrays(config, encoder, input_dim=len(feature_names)))
     run_identity = config.federation.identity(run_id)  # survives a server restart; Flower's run id does not
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    (output_dir / CONFIG_FILE).write_text(dump_config(config, relative_to=output_dir), encoding="utf-8")
 
     tracker = start_tracking(config, output_dir, run_name=run_identity)  # tracking.backend; None when 'none'
     recorder = RunRecorder(output_dir, rounds=config.rounds, tracker=tracker)
@@ -167,6 +168,8 @@ def make_server_app(
         config = config_from_run_config(run_config if run_config is not None else context.run_config)
         # A simulation (run_config bound) checks its folder (simulate --overwrite) and its outcome itself.
         real = run_config is None
+        if real:
+            log_through_flower()  # `flwr run`: one line per round, printed once, among Flower's
         summary = run_federation(
             grid, config, run_id=context.run_id, members=members, refuse_existing=real, stop=stop, warm_up=warm_up
         )

@@ -21,6 +21,7 @@ from fedchurn.shared.config_coercion import config_to_run_config as config_to_ru
 from fedchurn.shared.config_coercion import looks_like_float
 from fedchurn.shared.config_schema import *  # noqa: F403 (the sections are part of this module's interface)
 from fedchurn.shared.config_schema import FedChurnConfig
+from fedchurn.shared.config_writer import commented_yaml, relative_path
 from fedchurn.shared.errors import ConfigError
 
 
@@ -82,9 +83,24 @@ def resolve_paths(config: FedChurnConfig, *, base_dir: Path) -> FedChurnConfig:
     return dataclasses.replace(config, data=data, model=model, pretrain=pretrain)
 
 
-def dump_config(config: FedChurnConfig) -> str:
-    """YAML text that ``load_config`` reads back to the same config."""
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=None)
+def dump_config(config: FedChurnConfig, *, relative_to: Path | None = None) -> str:
+    """YAML text that ``load_config`` reads back to the same config, commented like the embedded default.
+
+    ``relative_to``: the folder of the file the text is written to. File paths are then written relative to it
+    (where the two share a folder below the root), as ``load_config`` reads them: relative to the file.
+    """
+    values = config_to_dict(config)
+    if relative_to is not None:
+
+        def rel(path: str | None) -> str | None:
+            return relative_path(path, folder=relative_to)
+
+        data = values["data"]
+        data["csv_path"] = rel(data["csv_path"])
+        data["institution_files"] = {name: rel(path) for name, path in data["institution_files"].items()}
+        values["model"]["encoder_checkpoint"] = rel(values["model"]["encoder_checkpoint"])
+        values["pretrain"]["csv_path"] = rel(values["pretrain"]["csv_path"])
+    return commented_yaml(values, template=DEFAULT_CONFIG_YAML, is_free_mapping=_is_free_mapping)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -32,6 +32,9 @@ DECLINED = "declined"
 
 BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take the bank's lifetime ε past its cap
 DP_DISABLED = "dp-disabled"  # a budget is set but DP is off: no finite ε to keep within it
+# The run's δ is not below 1/n for the bank's n training rows (then publishing one random customer's row would
+# itself be (0, δ)-DP). n stays at the bank: the code says only that the rule was broken.
+DELTA_TOO_HIGH_FOR_ROWS = "delta-too-high-for-rows"
 # The bank's own policy refused the instruction (shared/policy.py); its log says which rule refused which value.
 POLICY_REASONS = {
     POLICY_DP_REQUIRED: "its policy requires DP and the run asked for none",
@@ -56,7 +59,14 @@ ERROR_REASONS = {
 # An evaluate reply with no metrics: evaluation is off, or a release is not allowed now (the bank's own log says
 # which rule); never a training decline.
 EVALUATION_WITHHELD = "evaluation-withheld"
-REASON_CODES = (BUDGET_EXHAUSTED, DP_DISABLED, EVALUATION_WITHHELD, *POLICY_REASONS, *ERROR_REASONS)
+REASON_CODES = (
+    BUDGET_EXHAUSTED,
+    DP_DISABLED,
+    DELTA_TOO_HIGH_FOR_ROWS,
+    EVALUATION_WITHHELD,
+    *POLICY_REASONS,
+    *ERROR_REASONS,
+)
 
 DECLINE_METRICS = ("epsilon", "projected-epsilon", "max-epsilon", "delta", "rounds-trained")
 
@@ -93,6 +103,11 @@ class Decline:
             return f"declined by the bank's own policy ({self.reason}): {POLICY_REASONS[self.reason]}"
         if self.reason in ERROR_REASONS:
             return f"the bank replied with an error ({self.reason}): {ERROR_REASONS[self.reason]}"
+        if self.reason == DELTA_TOO_HIGH_FOR_ROWS:
+            return (
+                "declined: the run's δ is not below 1/n for the bank's training rows n (set privacy.delta well "
+                "below 1 / the largest bank's rows, e.g. 1e-6)"
+            )
         if self.reason == DP_DISABLED:
             return f"privacy is disabled (no finite ε), so no round fits the budget ε <= {self.max_epsilon:g}"
         return (

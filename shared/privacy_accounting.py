@@ -30,6 +30,14 @@ from opacus.accountants.utils import get_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
+# Opacus calls logging.basicConfig when imported (opacus/utils/module_utils.py): on a root logger with no handler
+# yet, that adds one, and every record of a library with its own console handler (Flower's) is then printed twice.
+# Logging is configured by the program (the CLI, Flower's processes), never by an import: drop that handler.
+_OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+for _handler in list(logging.root.handlers):
+    if _handler.formatter is not None and _handler.formatter._fmt == _OPACUS_ROOT_FORMAT:
+        logging.root.removeHandler(_handler)
+
 __all__ = [
     "ACCOUNTANTS",
     "AccountantState",

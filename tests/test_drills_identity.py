@@ -10,6 +10,7 @@ import pytest
 from fedchurn.shared.config import ConfigError, default_config
 
 from fedchurn.cli import run_cmd
+from fedchurn.deployment.federation import find_executable
 from fedchurn.deployment.members import MEMBERS_FILE, RegistryError, node_of_key, read_members, record_member
 
 
@@ -86,11 +87,9 @@ def test_members_config_is_validated() -> None:
 def test_a_registered_node_claiming_another_banks_name_is_refused(tmp_path: Path) -> None:
     """The issue's drill: bank-02's registered node starts as 'bank-01'. Before: accepted as bank-01 and the
     genuine bank-01 dropped as a second reply. Now: the impostor is refused, bank-01's reply is merged."""
-    import shutil
-
     from tests.federation_harness import Federation
 
-    if shutil.which("flower-superlink") is None:
+    if find_executable("flower-superlink") is None:
         pytest.skip("Flower's CLIs are not installed")
     fed = Federation(tmp_path, ["bank-01", "bank-02"])
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedchurn.deployment.federation import free_port
+from fedchurn.deployment.federation import find_executable, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "deploy" / "README.md"
@@ -61,7 +60,7 @@ def test_the_script_covers_section_1_and_the_stop() -> None:
 @pytest.mark.filterwarnings("ignore")
 def test_deploy_readme_operator_path_runs_as_written(tmp_path: Path) -> None:
     binary = Path(sys.executable).parent / "fedchurn"
-    if not binary.exists() or shutil.which("flower-superlink") is None:
+    if not binary.exists() or find_executable("flower-superlink") is None:
         pytest.skip("the fedchurn script or Flower's CLIs are not installed next to this Python")
     demo = tmp_path / "fedchurn-demo"
     env = {

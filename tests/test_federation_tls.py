@@ -8,17 +8,17 @@ process that imports torch).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fedchurn.deployment.federation import find_executable
 from tests.federation_harness import Federation, kill_tree
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore"),
-    pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's CLIs are not installed"),
+    pytest.mark.skipif(find_executable("flower-superlink") is None, reason="Flower's CLIs are not installed"),
 ]
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "configs" / "federation-demo.yaml"
 BANKS = ["bank-01", "bank-02", "bank-03"]

@@ -215,7 +215,7 @@ def test_the_old_noise_regeneration_attack_no_longer_works(tmp_path: Path, bank_
     ("overrides", "code"),
     [
         ({"privacy.enabled": False}, "policy-dp-required"),
-        ({"privacy.noise_multiplier": 0.01}, "policy-noise-too-low"),
+        ({"privacy.noise_multiplier": 0.5}, "policy-noise-too-low"),
         ({"privacy.delta": 1.0e-3}, "policy-delta-too-high"),
         ({"privacy.clipping_norm": 50.0}, "policy-clipping-too-high"),
         ({"transfer.mode": "fedavg"}, "policy-mode-not-allowed"),
@@ -238,6 +238,22 @@ def test_instruction_weaker_than_policy_is_declined_before_any_training(
     }, "a policy decline's numbers say nothing"
     assert bank.ledger_records() == [], "nothing was trained"
     assert not (bank.state_dir / "head.pt").exists()
+
+
+def test_a_delta_not_below_one_over_the_banks_rows_is_declined_with_a_code_that_carries_no_n(
+    tmp_path: Path, bank_csv: Path
+) -> None:
+    """δ >= 1/n (n: the bank's training rows) is refused even when the bank's policy sets no max_delta. The server
+    learns the fixed code and zeros: not n, not 1/n, not the message (which stays in the bank's log)."""
+    bank = RealBank(tmp_path, bank_csv, policy={**POLICY, "max_delta": None})
+    config = _server_config(tmp_path, **{"privacy.delta": 0.9 / bank.n_train(_server_config(tmp_path))})
+    assert bank.send(config, 1).content.array_records, "δ just below 1/n trains"
+    bank = RealBank(tmp_path, bank_csv, name="other", policy={**POLICY, "max_delta": None})
+    config = _server_config(tmp_path, **{"privacy.delta": 1.0 / bank.n_train(_server_config(tmp_path))})
+    reply = bank.send(config, 1)
+    _declined(reply, "delta-too-high-for-rows")
+    assert set(dict(reply.content["metrics"]).values()) == {0.0}, "no n, no 1/n leaves the bank"
+    assert bank.ledger_records() == [], "nothing was trained"
 
 
 def test_a_bank_without_a_policy_file_enforces_the_conservative_default(tmp_path: Path, bank_csv: Path) -> None:

@@ -17,16 +17,13 @@ from fedchurn.shared.errors import ConfigError
 from fedchurn.cli.main import main
 from fedchurn.deployment.federation import (
     FederationError,
-    SuperLinkSpec,
-    SuperNodeSpec,
     free_port,
     parse_address,
     probe_superlink,
     read_connection,
-    superlink_command,
-    supernode_command,
     write_connection,
 )
+from fedchurn.deployment.flower_processes import SuperLinkSpec, SuperNodeSpec, superlink_command, supernode_command
 from fedchurn.deployment.pki import PkiError, certificate_hosts, create_ca, create_node_key, create_server_cert
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"

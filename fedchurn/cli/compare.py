@@ -39,10 +39,13 @@ def register(commands: Any) -> None:
         help="run the transfer modes and each bank's baselines on identical splits, at one target ε, over seeds",
         description="Run every listed mode on the same data and splits, at the same target ε per institution "
         "(σ derived per mode), for several seeds; write DIR/comparison.json, comparison.md and comparison.png "
-        "(mean and 95%% confidence interval over seeds). 'centralized', 'logreg' and 'hgb' use no differential "
+        "(mean and 95% confidence interval over seeds). 'centralized', 'logreg' and 'hgb' use no differential "
         "privacy. All federated runs share one local Ray.",
     )
-    add_run_inputs(parser)
+    add_run_inputs(
+        parser,
+        out_help=f"output folder (default: {DEFAULT_OUT}, in the current folder; the config's output_dir is not used)",
+    )
     parser.add_argument(
         "--modes",
         help=f"comma-separated modes among {','.join(COMPARE_MODES)} (default: all; frozen only with "

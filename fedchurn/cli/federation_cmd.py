@@ -15,6 +15,7 @@ from fedchurn.deployment.federation import (
 )
 from fedchurn.deployment.members import read_members
 from fedchurn.deployment.pki import check_pem_certificate
+from fedchurn.shared.config import SyntheticConfig
 
 
 def register(commands: Any) -> None:
@@ -42,8 +43,13 @@ def register(commands: Any) -> None:
     nodes.add_argument("name", help="the connection's name")
     demo = actions.add_parser("demo-data", help="write synthetic customer CSVs, one folder per bank (for a demo)")
     demo.add_argument("--out", required=True, help="folder: OUT/bank-01/customers.csv, ...")
-    demo.add_argument("--institutions", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--institutions",
+        type=int,
+        default=SyntheticConfig().institutions,  # the one default: the same consortium `fedchurn simulate` runs
+        help="number of banks",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic consortium")
     for sub in (connect, reg, nodes):
         sub.add_argument("--flwr-home", help="Flower's config folder (default: $FLWR_HOME or ~/.flwr)")
     parser.set_defaults(handler=run)
@@ -78,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _demo_data(out: Path, *, institutions: int, seed: int) -> None:
-    from fedchurn.shared.config import SyntheticConfig
     from fedchurn.shared.institution_rows import write_csv
     from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 

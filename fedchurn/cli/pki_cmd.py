@@ -20,7 +20,7 @@ def register(commands: Any) -> None:
     ca = actions.add_parser("ca", help="a new consortium CA (operator; keep ca.key offline)")
     ca.add_argument("--out", required=True, help="folder for ca.crt and ca.key")
     ca.add_argument("--name", default="fedchurn consortium CA", help="the CA's common name")
-    ca.add_argument("--days", type=int, default=3650)
+    ca.add_argument("--days", type=int, default=3650, help="days the CA certificate stays valid")
     server = actions.add_parser("server", help="the SuperLink's TLS certificate, signed by the CA")
     server.add_argument("--ca", required=True, help="the CA folder (ca.crt, ca.key)")
     server.add_argument("--out", required=True, help="folder for server.pem, server.key and a copy of ca.crt")
@@ -30,7 +30,7 @@ def register(commands: Any) -> None:
         default=[],
         help="a DNS name or IP address the SuperLink is reached at (repeatable; localhost and 127.0.0.1 always)",
     )
-    server.add_argument("--days", type=int, default=825)
+    server.add_argument("--days", type=int, default=825, help="days the server certificate stays valid")
     node = actions.add_parser("node", help="an institution's SuperNode authentication key pair (run at the bank)")
     node.add_argument("--institution", required=True)
     node.add_argument("--out", required=True, help="the institution's key folder (node-auth.key stays here)")

@@ -53,10 +53,64 @@ def budget_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+# δ is the chance the guarantee fails outright; it must be well below 1/n for a bank of n training rows. Above
+# this, ε means little (and Opacus' RDP-to-(ε, δ) conversion even returns ε < 0 near δ = 0.5): refuse.
+MAX_DELTA = 1.0e-3
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (give a decimal number, e.g. 1e-5)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (give a decimal number, e.g. 1e-5)")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (give a count such as 100)") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text} (give at least one step/round)")
+    return value
+
+
+def _delta(text: str) -> float:
+    value = _number(text)
+    if not 0.0 < value <= MAX_DELTA:
+        raise argparse.ArgumentTypeError(
+            f"δ = {text} must be > 0 and <= {MAX_DELTA:g}: δ is the chance the guarantee fails outright and must "
+            "be well below 1/n for n training rows (give e.g. --delta 1e-5, at most 1/(10 n))"
+        )
+    return value
+
+
+def _noise_multiplier(text: str) -> float:
+    value = _number(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(
+            f"σ = {text} must be > 0: with no noise there is no finite ε (give the run's noise multiplier, e.g. 1.2)"
+        )
+    return value
+
+
+def _sample_rate(text: str) -> float:
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"q = {text} must be > 0 and <= 1: it is the chance each row joins a batch (give batch / rows, e.g. "
+            "64/3000 = 0.0213)"
+        )
+    return value
+
+
+def _target_epsilon(text: str) -> float:
+    value = _number(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"ε = {text} must be > 0 (give the budget for the whole run, e.g. 3)")
     return value
 
 
@@ -68,10 +122,12 @@ def register(commands: Any) -> None:
         help="ε after STEPS Poisson-subsampled Gaussian steps",
         description="ε (per row, add/remove adjacency, Poisson sampling) after --steps DP-SGD steps.",
     )
-    eps.add_argument("--noise-multiplier", type=float, required=True, help="σ")
-    eps.add_argument("--sample-rate", type=float, required=True, help="Poisson sample rate q (batch / rows)")
+    eps.add_argument("--noise-multiplier", type=_noise_multiplier, required=True, help="σ (> 0)")
+    eps.add_argument(
+        "--sample-rate", type=_sample_rate, required=True, help="Poisson sample rate q (batch / rows), in (0, 1]"
+    )
     eps.add_argument("--steps", type=_positive_int, required=True, help="DP-SGD steps in total")
-    eps.add_argument("--delta", type=float, required=True, help="δ")
+    eps.add_argument("--delta", type=_delta, required=True, help=f"δ, in (0, {MAX_DELTA:g}] and well below 1/rows")
     eps.add_argument(
         "--accountant",
         choices=ACCOUNTANT_CHOICES,
@@ -84,13 +140,22 @@ def register(commands: Any) -> None:
         help="the noise multiplier a target ε needs over a planned run",
         description="The smallest σ whose ε over ROUNDS × STEPS_PER_ROUND steps at sample rate q stays <= the target.",
     )
-    plan.add_argument("--target-epsilon", type=float, required=True)
-    plan.add_argument("--rounds", type=_positive_int, required=True)
-    plan.add_argument("--sample-rate", type=float, required=True, help="Poisson sample rate q (batch / rows)")
+    plan.add_argument("--target-epsilon", type=_target_epsilon, required=True, help="ε for the whole run (> 0)")
+    plan.add_argument("--rounds", type=_positive_int, required=True, help="federated rounds (>= 1)")
+    plan.add_argument(
+        "--sample-rate", type=_sample_rate, required=True, help="Poisson sample rate q (batch / rows), in (0, 1]"
+    )
     plan.add_argument("--steps-per-round", type=_positive_int, required=True, help="local epochs × ceil(rows / batch)")
-    plan.add_argument("--delta", type=float, required=True)
-    plan.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="rdp")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--delta", type=_delta, required=True, help=f"δ, in (0, {MAX_DELTA:g}] and well below 1/rows")
+    plan.add_argument(
+        "--accountant",
+        choices=ACCOUNTANT_CHOICES,
+        default="rdp",
+        help="rdp, prv (Opacus) or pld (Google dp-accounting)",
+    )
+    plan.add_argument(
+        "--json", action="store_true", help='print {"noise_multiplier": ..., "epsilon": ..., "steps": ...}'
+    )
     parser.set_defaults(handler=run)
 
 

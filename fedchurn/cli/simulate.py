@@ -25,12 +25,14 @@ from fedchurn.shared.errors import ConfigError
 RUN_MARKERS = ("summary.json", "rounds.jsonl")
 
 
-def add_run_inputs(parser: argparse.ArgumentParser) -> None:
+def add_run_inputs(
+    parser: argparse.ArgumentParser, *, out_help: str = "output folder (default: the config's output_dir)"
+) -> None:
     """The arguments that say what to run: a config (or the default), overrides, or the --data quick start."""
     parser.add_argument(
         "config", nargs="?", help="YAML config (default: the embedded demo; see 'fedchurn config show')"
     )
-    parser.add_argument("--out", help="output folder (default: the config's output_dir)")
+    parser.add_argument("--out", help=out_help)
     parser.add_argument("--rounds", type=int, help="number of federated rounds")
     parser.add_argument("--seed", type=int, help="seed for data splits, initial weights, sampling and noise")
     parser.add_argument(
@@ -125,7 +127,9 @@ def resolve_run_config(args: argparse.Namespace) -> FedChurnConfig:
         # Paths given on the command line are relative to where the command runs.
         config = resolve_paths(apply_overrides(config, overrides), base_dir=Path.cwd())
     if args.save_config:
-        Path(args.save_config).write_text(dump_config(config), encoding="utf-8")
+        Path(args.save_config).write_text(
+            dump_config(config, relative_to=Path(args.save_config).parent), encoding="utf-8"
+        )
         print(f"Config written to {args.save_config}")
     return config
 
@@ -183,14 +187,39 @@ def register(commands: Any) -> None:
     )
     add_run_inputs(parser)
     parser.add_argument("--dry-run", action="store_true", help="check config and data, print the plan, do not train")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last completed round, with its own config (more rounds: "
+        "--rounds N); 'fedchurn runs' lists runs",
+    )
     parser.set_defaults(handler=run)
+
+
+def resume_run_config(args: argparse.Namespace) -> FedChurnConfig:
+    """--resume RUN_DIR: the run's own config.yaml, with --rounds and --set applied (fedchurn/api/folders.py)."""
+    from fedchurn.api.folders import resume_config
+
+    given = [flag for flag, value in (("CONFIG", args.config), ("--data", args.data), ("--out", args.out)) if value]
+    if given:
+        raise ConfigError(
+            "--resume",
+            args.resume,
+            f"continues the run with its own config and folder, so {', '.join(given)} cannot be given",
+            "drop them; change the number of rounds with --rounds N",
+        )
+    overrides: dict[str, Any] = dict(parse_override(item) for item in args.set)
+    for key, value in (("rounds", args.rounds), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    return resume_config(args.resume, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     from fedchurn.server.resume import RunInterrupted
     from fedchurn.simulation.driver import discard_plan, plan_simulation, run_simulation
 
-    config = resolve_run_config(args)
+    config = resume_run_config(args) if args.resume else resolve_run_config(args)
     if config.federation.run_name is None:  # a name makes the run resumable, with every institution's ε
         name = dt.datetime.now(dt.UTC).strftime("sim-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         config = apply_overrides(config, {"federation.run_name": name})

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedchurn.deployment.federation import DEFAULT_SUPERLINK_PORT, SuperLinkSpec, flower_environment, superlink_command
+from fedchurn.deployment.federation import DEFAULT_SUPERLINK_PORT, flower_environment
+from fedchurn.deployment.flower_processes import SuperLinkSpec, superlink_command
 
 
 def register(commands: Any) -> None:
@@ -21,7 +22,7 @@ def register(commands: Any) -> None:
     parser.add_argument("--tls", required=True, help="folder with server.pem, server.key, ca.crt (fedchurn pki server)")
     parser.add_argument("--database", required=True, help="SQLite file: runs and registered nodes survive restarts")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT)
+    parser.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the Fleet API port banks connect to")
     parser.add_argument("--log-file", help="also write the SuperLink's log here")
     parser.set_defaults(handler=run)
 

@@ -12,11 +12,10 @@ from typing import Any
 from fedchurn.deployment.federation import (
     DEFAULT_SUPERNODE_RUNTIME_PORT,
     FederationError,
-    SuperNodeSpec,
     flower_environment,
-    supernode_command,
     wait_for_superlink,
 )
+from fedchurn.deployment.flower_processes import SuperNodeSpec, supernode_command
 
 # Node-config keys the bank's ClientApp reads (clients/institution.py: NODE_POLICY, NODE_LEDGER_KEY).
 NODE_POLICY = "policy"

@@ -261,7 +261,7 @@ def run_comparison(
     )
     (out / COMPARISON_JSON).write_text(json.dumps(comparison, indent=2), encoding="utf-8")
     (out / COMPARISON_MD).write_text(markdown_table(comparison), encoding="utf-8")
-    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    (out / "config.yaml").write_text(dump_config(config, relative_to=out), encoding="utf-8")
     plot_comparison(comparison, out / COMPARISON_PNG)
     from fedchurn.reporting import write_report_safely
 

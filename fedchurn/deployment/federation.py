@@ -27,6 +27,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,13 +39,8 @@ from typing import Any
 
 from fedchurn.deployment.members import node_of_key, record_member
 from fedchurn.deployment.pki import (
-    CA_CERT,
-    SERVER_CERT,
-    SERVER_KEY,
-    check_node_private_key,
     check_node_public_key,
     check_pem_certificate,
-    private_dir,
 )
 from fedchurn.shared.config import is_valid_institution_name
 from fedchurn.shared.errors import FedChurnError
@@ -62,6 +58,7 @@ FLWR_HOME_ENV = "FLWR_HOME"
 FLWR_CONFIG_FILE = "config.toml"
 CLI_TIMEOUT_S = 60.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS_DIR = Path(sys.executable).parent  # where this install's console scripts (flwr, flower-superlink) live
 
 
 class FederationError(FedChurnError):
@@ -72,14 +69,28 @@ def flower_environment(flwr_home: Path | None = None) -> dict[str, str]:
     """This process's environment plus ``FLOWER_ENVIRONMENT`` (and ``FLWR_HOME`` when given)."""
     env = dict(os.environ)
     env.update(FLOWER_ENVIRONMENT)
+    # Flower's processes start one another by name (the SuperLink its flwr-serverapp, ...): find this install's
+    # first, also when its environment was never activated (``.venv/bin/python -m ...``).
+    scripts = str(SCRIPTS_DIR)
+    if scripts not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (scripts, env.get("PATH", "")) if p)
     if flwr_home is not None:
         env[FLWR_HOME_ENV] = str(flwr_home)
     return env
 
 
+def find_executable(name: str) -> str | None:
+    """The full path of a command installed with this Python (beside the interpreter, whether or not its
+    environment is activated), else found on PATH; None when neither has it."""
+    beside = SCRIPTS_DIR / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
 def executable(name: str) -> str:
     """The full path of a Flower command, or a clear error when Flower is not installed here."""
-    found = shutil.which(name)
+    found = find_executable(name)
     if found is None:
         raise FederationError(f"'{name}' not found on PATH: install the project (pip install -e .) in this Python")
     return found
@@ -161,106 +172,6 @@ def wait_for_superlink(address: str, ca_cert: Path, *, wait_s: float, interval_s
 
 
 # --- SuperLink ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SuperLinkSpec:
-    tls_dir: Path  # server.pem, server.key, ca.crt (fedchurn pki server)
-    database: Path  # SQLite file: runs and registered nodes survive a restart
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_SUPERLINK_PORT
-    log_file: Path | None = None
-
-
-def superlink_command(spec: SuperLinkSpec) -> list[str]:
-    """Check the SuperLink's files and port, and return its command line (TLS + node authentication, always)."""
-    cert, key, ca = spec.tls_dir / SERVER_CERT, spec.tls_dir / SERVER_KEY, spec.tls_dir / CA_CERT
-    check_pem_certificate(cert, "SuperLink TLS certificate")
-    check_pem_certificate(ca, "consortium CA certificate")
-    if not key.is_file():
-        raise FederationError(f"SuperLink TLS key not found at {key} (create it with: fedchurn pki server)")
-    if not spec.database.parent.is_dir():
-        raise FederationError(f"the folder of --database {spec.database} does not exist")
-    check_port_free(spec.host, spec.port, what="SuperLink")
-    command = [
-        executable("flower-superlink"),
-        "--ssl-ca-certfile",
-        str(ca),
-        "--ssl-certfile",
-        str(cert),
-        "--ssl-keyfile",
-        str(key),
-        "--enable-supernode-auth",
-        "--database",
-        str(spec.database),
-        "--host",
-        spec.host,
-        "--port",
-        str(spec.port),
-        "--disable-runtime-dependency-installation",
-    ]
-    if spec.log_file is not None:
-        command += ["--log-file", str(spec.log_file)]
-    return command
-
-
-# --- SuperNode ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SuperNodeSpec:
-    institution: str
-    superlink: str  # host:port
-    ca_cert: Path
-    private_key: Path
-    data_path: Path
-    state_dir: Path
-    runtime_port: int = DEFAULT_SUPERNODE_RUNTIME_PORT
-    max_retries: int = 30  # reconnection attempts after a lost connection, then the SuperNode exits
-    max_wait_s: float = 600.0  # and at most this long in all
-
-
-def node_config_text(institution: str, data_path: Path, state_dir: Path) -> str:
-    """The ``--node-config`` string ``clients/institution.resolve_institution`` reads."""
-    for what, value in (("data path", str(data_path)), ("state folder", str(state_dir))):
-        if "'" in value or '"' in value:
-            raise FederationError(f"{what} {value!r} contains a quote, which --node-config cannot carry")
-    return f"institution='{institution}' data-path='{data_path}' state-dir='{state_dir}'"
-
-
-def supernode_command(spec: SuperNodeSpec) -> list[str]:
-    """Check the institution's files, then return its SuperNode's command line."""
-    if not is_valid_institution_name(spec.institution):
-        raise FederationError(f"institution name {spec.institution!r} is not valid (letters, digits, - _ . only)")
-    check_pem_certificate(spec.ca_cert, "consortium CA certificate")
-    check_node_private_key(spec.private_key)
-    if not spec.data_path.is_file():
-        raise FederationError(f"data of {spec.institution} not found at {spec.data_path}")
-    if spec.max_retries < 1 or spec.max_wait_s <= 0:
-        raise FederationError("--max-retries and --max-wait must be positive: a SuperNode never retries forever")
-    parse_address(spec.superlink)
-    private_dir(spec.state_dir)  # the head and privacy accountant stay here, readable by the institution only
-    check_port_free("127.0.0.1", spec.runtime_port, what=f"SuperNode of {spec.institution} (its --runtime-port)")
-    return [
-        executable("flower-supernode"),
-        "--superlink",
-        spec.superlink,
-        "--root-certificates",
-        str(spec.ca_cert),
-        "--auth-supernode-private-key",
-        str(spec.private_key),
-        "--node-config",
-        node_config_text(spec.institution, spec.data_path.resolve(), spec.state_dir.resolve()),
-        "--port",
-        str(spec.runtime_port),
-        "--max-retries",
-        str(spec.max_retries),
-        "--max-wait-time",
-        f"{spec.max_wait_s:g}",
-    ]
-
-
-# --- the flwr CLI: connections, registration, runs ----------------------------------------------------
 
 
 def default_flwr_home() -> Path:

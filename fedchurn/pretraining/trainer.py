@@ -222,6 +222,7 @@ def _check_resources(config: FedChurnConfig) -> None:
 def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address: str | None = None) -> PretrainResult:
     """Pretrain on the configured source with Ray Train; write ``out_dir/encoder.pt`` and ``out_dir/pretrain.json``."""
     from fedchurn.simulation.driver import _connect_ray, quiet_environment
+    from fedchurn.simulation.ray_head import own_session_dir, remove_session_dir
 
     quiet_environment()
     import ray
@@ -253,6 +254,8 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
         resources["GPU"] = p.gpus_per_worker
     storage = out / _STORAGE_DIR
     started_ray = _connect_ray(config, ray_address=ray_address)
+    own = started_ray and not (ray_address or config.simulation.ray_address)  # a local Ray, not a cluster's
+    session_dir = own_session_dir() if own else None
     ray_started_at = time.perf_counter()
     try:
         _check_resources(config)
@@ -272,6 +275,7 @@ def pretrain_encoder(config: FedChurnConfig, *, out_dir: str | Path, ray_address
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        remove_session_dir(session_dir)  # the checkpoint is under `storage`, not in Ray's session folder
     train_seconds = time.perf_counter() - ray_started_at
     if result.checkpoint is None:
         raise SimulationError("pretraining ended without a checkpoint from rank 0")

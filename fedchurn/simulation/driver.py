@@ -25,24 +25,11 @@ from fedchurn.shared.config import FedChurnConfig, config_to_run_config
 from fedchurn.shared.errors import FedChurnError, SimulationError
 from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.partitions import remove_partitions, stage_partitions
+from fedchurn.simulation.delta_check import check_delta_for_rows, training_rows
+from fedchurn.simulation.ray_head import QUIET_ENVIRONMENT, own_session_dir, quiet_environment, remove_session_dir
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")
-
-# Set before Flower or Ray start: no telemetry, and never let a SuperLink pip-install the app's
-# dependencies at run time (that pulled a 5 GB CUDA torch onto a CPU machine).
-QUIET_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # opt in to Ray's coming default; silences its warning
-}
-
-
-def quiet_environment() -> None:
-    for key, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)
@@ -71,12 +58,15 @@ def plan_simulation(config: FedChurnConfig, *, check_data: bool = True) -> Simul
         names = institution_names(config.data, seed=config.seed, output_dir=output_dir)
         if not names:
             raise SimulationError("the data holds no institutions")
+        sizes: dict[str, int] = {}
         if check_data and config.data.source == "csv":
             for name in names:
                 # Splits and preprocessing from the staged rows. The split here is not the bank's (each bank
                 # splits with its own secret key), so an unbalanced part here says nothing about the bank's.
                 with contextlib.suppress(UnbalancedSplitError):
-                    prepare_institution(config, name)
+                    sizes[name] = len(prepare_institution(config, name).y_train)
+        if check_data and config.privacy.enabled:  # δ below 1/n for every bank, said here rather than by declines
+            check_delta_for_rows(config, training_rows(config, names, sizes))
     except BaseException:
         remove_partitions(output_dir)
         raise
@@ -223,6 +213,8 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     started_ray = _connect_ray(config, ray_address=ray_address)
+    own_ray = started_ray and not (ray_address or config.simulation.ray_address)  # a local Ray, not a cluster's
+    session_dir = own_session_dir() if own_ray else None
     try:
         _check_resources(config)
         backend_config: dict[str, Any] = {
@@ -250,6 +242,7 @@ def run_simulation(plan: SimulationPlan, *, ray_address: str | None = None, verb
         # Flower's Ray backend shuts Ray down itself; make sure a Ray we started does not outlive the run.
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        remove_session_dir(session_dir)  # its logs and sockets must not pile up under the temp dir, run after run
         remove_partitions(output_dir)  # the staged rows must not outlive the run
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without writing {summary_path}; run with --verbose to see why")

@@ -27,6 +27,21 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
+# Set before Flower or Ray start: no telemetry, and never let a SuperLink pip-install the app's
+# dependencies at run time (that pulled a 5 GB CUDA torch onto a CPU machine).
+QUIET_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # opt in to Ray's coming default; silences its warning
+}
+
+
+def quiet_environment() -> None:
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -54,6 +69,35 @@ def _ray_executable() -> str:
     return found
 
 
+def own_session_dir() -> Path | None:
+    """The session folder (``<temp dir>/session_<date>_<pid>``) of the Ray this process started with
+    ``ray.init()``: read while Ray runs (Flower's backend shuts Ray down before the run returns). None when it
+    cannot be told (Ray's node object is internal; a Ray version without it just leaves its folder)."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        path = node.get_session_dir_path() if node is not None else None
+    except Exception:  # an internal attribute: absent or renamed in another Ray version
+        logger.debug("could not tell Ray's session folder; it is left in place", exc_info=True)
+        return None
+    return Path(path) if path else None
+
+
+def remove_session_dir(session_dir: Path | None) -> None:
+    """After ``ray.shutdown()``: remove the session folder a local Ray of this process wrote (logs, sockets,
+    runtime environments), and the ``session_latest`` link beside it when it points there. Only that path: other
+    sessions in the same temp dir (other runs, a cluster this process attached to) are not touched."""
+    if session_dir is None or not session_dir.name.startswith("session_") or not session_dir.is_dir():
+        return
+    latest = session_dir.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.readlink(latest)).name == session_dir.name:
+            latest.unlink()
+    shutil.rmtree(session_dir, ignore_errors=True)
+    logger.debug("removed Ray's session folder %s", session_dir)
+
+
 class RayHead:
     """``with RayHead(num_cpus=2) as head: run_simulation(..., ray_address=head.address)``."""
 
@@ -65,8 +109,6 @@ class RayHead:
         self._temp_dir: str | None = None
 
     def __enter__(self) -> RayHead:
-        from fedchurn.simulation.driver import QUIET_ENVIRONMENT
-
         port = _free_port()
         self.address = f"127.0.0.1:{port}"
         env = {**os.environ, **QUIET_ENVIRONMENT}
