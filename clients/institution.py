@@ -31,6 +31,7 @@ from fedchurn.clients.transfer import train_round_phases
 from fedchurn.shared.bank_random import SeedSource, bank_secret_key, derive_seed, renew_bank_secret_key
 from fedchurn.shared.config import FedChurnConfig, config_to_dict
 from fedchurn.shared.decline import BUDGET_EXHAUSTED, DELTA_TOO_HIGH_FOR_ROWS, Decline
+from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.errors import FedChurnError, PrivacyError
 from fedchurn.shared.institution_rows import institution_names, resolve_schema
 from fedchurn.shared.ledger import SignedHash
@@ -244,6 +245,11 @@ def train_round(
     config = institution.config
     _check_policy(institution, server_round)  # before the data is touched
     data = load_data(institution)
+    # training.plan = auto: batch, epochs, learning rate and clipping from the bank's own row count, at home.
+    institution = dataclasses.replace(
+        institution, config=bank_training_config(institution.config, n_train=len(data.y_train))
+    )
+    config = institution.config
     # Keyed by the fedchurn run name when set: a resumed run continues this bank's head and round count.
     store = StateStore(
         institution.state_dir, run_id=config.federation.identity(run_id), accountant=config.privacy.accountant
@@ -420,7 +426,7 @@ def evaluate_round(
     context_state: RecordDict,
     server_round: int = 0,
 ) -> dict[str, float]:
-    """Global encoder + this institution's own head on its validation and test rows, released only under DP.
+    """Global encoder + this institution's own head on its own rows (histograms), released only under DP.
 
     Raises :class:`~clients.private_evaluation.EvaluationWithheld` when nothing may be released (evaluation off,
     no new trained round, budget): see ``clients/private_evaluation.py``.

@@ -8,10 +8,13 @@ On an evaluate request the bank, in this order:
    (:class:`EvaluationWithheld`, reason code ``evaluation-withheld``) and nothing about its rows leaves;
 2. charges the release to its accountant and ledger *before* computing anything (a crash afterwards can only
    over-count, never release unaccounted);
-3. scores its validation and test rows, releases both 2×B score histograms with Gaussian noise from the OS CSPRNG
-   (one Gaussian mechanism: the row sets are disjoint, so one customer changes one cell of one of them);
-4. from the released validation histogram only (post-processing): fits Platt scaling and fixed risk-decile
-   thresholds, and scores the model; it keeps encoder + head + calibrator of its best round by that score
+3. scores its training, validation and test rows, releases the three 2×B score histograms with Gaussian noise
+   from the OS CSPRNG (one Gaussian mechanism: the row sets are disjoint, so one customer changes one cell of one
+   of them: the training rows cost nothing beyond the release already charged). The bins are centred on the
+   model's logit for the all-zero (reference) input: a function of the model only, never of the rows;
+4. from the released histograms only (post-processing): fits Platt scaling on training + validation (validation
+   alone, or validation + test, when that is too noisy) and fixed risk-decile thresholds, and scores the model by
+   its validation histogram; it keeps encoder + head + calibrator of its best round by that score
    (``kept-model.pt`` / ``kept-model.json`` in its state folder), which ``fedchurn predict`` uses;
 5. reports metrics of the released test histogram, for this round's model and for the model it keeps.
 """
@@ -34,6 +37,7 @@ from fedchurn.clients.calibration import Calibrator, decile_thresholds, fit_plat
 from fedchurn.clients.evaluation import predict_logits
 from fedchurn.clients.institution_identity import Institution
 from fedchurn.clients.private_metrics import (
+    BinSpec,
     EvaluationSettings,
     histogram_auc,
     histogram_metrics,
@@ -55,7 +59,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KEPT_MODEL_FILE", "KEPT_RECORD_FILE", "EvaluationWithheld", "private_evaluation"]
+__all__ = [
+    "KEPT_MODEL_FILE",
+    "KEPT_RECORD_FILE",
+    "EvaluationWithheld",
+    "calibrator_from_releases",
+    "exact_histograms",
+    "private_evaluation",
+    "reference_logit",
+]
 
 EVALUATION_FILE = "evaluation.json"  # releases so far in this run and the round of the kept model
 KEPT_MODEL_FILE = "kept-model.pt"  # the whole model (encoder + head) of the bank's best round
@@ -175,18 +187,15 @@ def private_evaluation(
 
     spec = settings.spec
     rng = secure_rng()
-    val_logits = predict_logits(model, data.x_val).double().numpy()
-    test_logits = predict_logits(model, data.x_test).double().numpy()
-    exact = np.concatenate(
-        [score_histogram(val_logits, data.y_val, spec), score_histogram(test_logits, data.y_test, spec)]
-    )
+    exact, offset = exact_histograms(model, data, spec)
     released = release_histogram(exact, noise_multiplier=settings.noise_multiplier, rng=rng)
-    del exact, val_logits, test_logits  # nothing below reads the rows or their exact counts
-    val_hist, test_hist = released[:2], released[2:]
+    del exact  # nothing below reads the rows or their exact counts
+    val_hist, test_hist, train_hist = released[:2], released[2:4], released[4:]
 
-    calibrator, calibrated_on = _calibrator(val_hist, test_hist, settings)
+    centred, calibrated_on = calibrator_from_releases(val_hist, test_hist, settings, train_hist=train_hist)
+    calibrator = centred.moved(offset)  # in the model's own logit space, as fedchurn predict scores
     val_auc = histogram_auc(val_hist)
-    test = histogram_metrics(test_hist, calibrator.probabilities(spec.centres))
+    test = histogram_metrics(test_hist, centred.probabilities(spec.centres))
     current = {
         "round": int(server_round),
         "val_auc": val_auc,
@@ -201,7 +210,7 @@ def private_evaluation(
     kept_auc = releases.kept.get("val_auc") if releases.kept else None
     better = math.isfinite(val_auc) and (kept_auc is None or val_auc > kept_auc)
     if releases.kept is None or better:
-        _keep(folder, model, calibrator, calibrated_on, current, settings, run_id=state.run_id)
+        _keep(folder, model, calibrator, calibrated_on, current, settings, run_id=state.run_id, offset=offset)
         releases.kept = {k: (v if math.isfinite(v) else None) for k, v in current.items()}
         releases.save(folder)
     kept = releases.kept or {}
@@ -230,35 +239,70 @@ def private_evaluation(
     }
 
 
-def _calibrator(val_hist: np.ndarray, test_hist: np.ndarray, settings: EvaluationSettings) -> tuple[Calibrator, str]:
+def calibrator_from_releases(
+    val_hist: np.ndarray,
+    test_hist: np.ndarray,
+    settings: EvaluationSettings,
+    *,
+    train_hist: np.ndarray | None = None,
+) -> tuple[Calibrator, str]:
     """Platt scaling and decile thresholds from released histograms (post-processing), and which ones were used.
 
-    The validation release is used when each class stands clear of the noise (its noisy count above σ_e·√B, the
-    std of that sum); otherwise validation + test pooled (the reported test metrics are then in-sample for the
-    calibrator's two numbers); otherwise none: the model's own probabilities. Decile thresholds always come from
-    both releases pooled (a score distribution needs no labels, and more rows steady it).
+    With a released training-row histogram, training + validation pooled come first (several times the rows of
+    validation alone: the noise, σ_e per cell whatever the rows, weighs that much less; the test release stays out
+    of the fit, so the test metrics stay out-of-sample). Then validation alone when each class stands clear of the
+    noise (its noisy count above σ_e·√B, the std of that sum); then validation + test pooled (the reported test
+    metrics are then in-sample for the calibrator's two numbers); otherwise none: the model's own probabilities.
+    Decile thresholds come from every release pooled (a score distribution needs no labels; more rows steady it).
     """
     spec = settings.spec
     floor = settings.noise_multiplier * math.sqrt(spec.bins)
-    # Decile thresholds describe the score distribution, not labels: always from both releases pooled.
     pooled = val_hist + test_hist
+    everything = pooled if train_hist is None else pooled + train_hist
     try:
-        thresholds = decile_thresholds(pooled, spec.edges)
+        thresholds = decile_thresholds(everything, spec.edges)
     except FedChurnError:
         thresholds = tuple(np.linspace(-0.8, 0.8, 9) * spec.logit_range)
     # Two releases summed: the noise std of a class total grows by √2.
-    candidates = (("validation", val_hist, floor), ("validation+test", pooled, floor * math.sqrt(2.0)))
+    candidates: list[tuple[str, np.ndarray, float]] = []
+    if train_hist is not None:
+        candidates.append(("training+validation", train_hist + val_hist, floor * math.sqrt(2.0)))
+    candidates += [("validation", val_hist, floor), ("validation+test", pooled, floor * math.sqrt(2.0))]
     for source, hist, floor_here in candidates:
         totals = hist.sum(axis=1)
         if totals.min() <= floor_here:
             continue
         try:
-            a, b = fit_platt_histogram(hist, spec.centres)
-            return Calibrator(a=a, b=b, thresholds=thresholds), source
+            a, b = fit_platt_histogram(
+                hist, spec.centres, noise_multiplier=settings.noise_multiplier * floor_here / floor
+            )
+            low, high = float(spec.centres[0]), float(spec.centres[-1])
+            return Calibrator(a=a, b=b, thresholds=thresholds, low=low, high=high), source
         except FedChurnError as exc:
             logger.warning("calibration on %s skipped: %s", source, exc)
     logger.warning("calibration skipped: the released histograms are too noisy to fit (a class below σ_e·√bins)")
     return Calibrator(a=1.0, b=0.0, thresholds=thresholds), "none"
+
+
+def exact_histograms(model: ChurnModel, data: PreparedInstitution, spec: BinSpec) -> tuple[np.ndarray, float]:
+    """The exact (6, B) counts to release, validation, test and training rows in that order, and the bins' offset.
+
+    Each customer row is in one set, so it is counted in exactly one cell: L2 sensitivity 1 for the whole array.
+    The bins follow the model, never the rows: centred on the model's logit for the reference customer.
+    """
+    offset = reference_logit(model, input_dim=data.x_val.shape[1])
+    parts = [
+        score_histogram(predict_logits(model, x).double().numpy() - offset, y, spec)
+        for x, y in ((data.x_val, data.y_val), (data.x_test, data.y_test), (data.x_train, data.y_train))
+    ]
+    return np.concatenate(parts), offset
+
+
+def reference_logit(model: ChurnModel, *, input_dim: int) -> float:
+    """The model's logit for the all-zero input (every numeric feature at the midpoint of its declared public
+    bounds, no category): a function of the model alone, so a histogram grid centred on it reads no row."""
+    logit = float(predict_logits(model, np.zeros((1, input_dim), dtype=np.float32)).double().numpy()[0])
+    return logit if math.isfinite(logit) else 0.0
 
 
 def _keep(
@@ -270,6 +314,7 @@ def _keep(
     settings: EvaluationSettings,
     *,
     run_id: int | str,
+    offset: float,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -287,7 +332,7 @@ def _keep(
         "validation_auc": finite(metrics["val_auc"]),
         "released_test_metrics": {k: finite(v) for k, v in metrics.items() if k not in ("round", "val_auc")},
         "calibration": calibrator.to_dict() | {"fitted_on": f"DP-released {calibrated_on} histogram"},
-        "histogram": {"bins": settings.spec.bins, "logit_range": settings.spec.logit_range},
+        "histogram": {"bins": settings.spec.bins, "logit_range": settings.spec.logit_range, "logit_offset": offset},
     }
     _atomic_write(folder / KEPT_RECORD_FILE, json.dumps(record, indent=2, allow_nan=False))
     logger.info("kept the model of round %s (DP validation AUC %.3f)", metrics["round"], metrics["val_auc"])
@@ -309,7 +354,7 @@ def _ledger_record(
         "run_id": state.run_id,
         "round": int(server_round),
         "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mechanism": "Gaussian (noisy score histograms of validation and test rows)",
+        "mechanism": "Gaussian (noisy score histograms of training, validation and test rows)",
         "unit": "one customer row (add/remove one row)",
         "noise_multiplier": float(settings.noise_multiplier),
         "sample_rate": 1.0,

@@ -186,6 +186,9 @@ training:
   learning_rate: 0.02
   optimizer: adam            # adam | sgd (measured: adam reaches the same AUC in fewer noisy rounds)
   momentum: 0.9              # sgd only
+  plan: auto                 # auto: with privacy.target_epsilon set, each bank plans its batch, epochs per
+                             #   round, learning rate, optimizer and clipping norm from its own row count
+                             #   (the settings above and privacy.clipping_norm are then ignored); fixed: as given
 privacy:
   enabled: true
   clipping_norm: 1.0         # per-customer gradient bound
@@ -249,7 +252,7 @@ policy:                      # each SIMULATED bank's own policy (a real bank rea
   max_rounds_per_run: null   # refuse runs of more rounds (null: no limit)
   report_dataset_size: false # false: FedAvg weight 1.0 and no row counts leave the bank
   institutions: {}           # per-bank overrides, e.g. {bank-01: {min_noise_multiplier: 1.0, lifetime_epsilon: 3.0}}
-evaluation:                  # what a bank releases about its validation/test rows (accounted in its ε)
+evaluation:                  # what a bank releases about its own rows' scores (accounted in its ε)
   mode: dp                   # dp: noisy score histograms | off: nothing leaves the bank
   noise_multiplier: 5.0      # Gaussian noise std per histogram cell (one customer changes one cell by 1);
                              #   a bank uses the larger of this and its policy's evaluation_noise_multiplier

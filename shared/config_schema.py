@@ -75,6 +75,10 @@ class TrainingConfig:
     learning_rate: float = 0.02
     optimizer: Literal["sgd", "adam"] = "adam"  # measured: adam reaches the same AUC in fewer noisy rounds
     momentum: float = 0.9  # sgd only
+    # "auto": with privacy.target_epsilon set, each bank plans batch size, epochs per round, learning rate,
+    # optimizer and clipping norm from its own row count (shared/dp_planning.py), replacing the values above;
+    # "fixed": the values above, as given.
+    plan: Literal["auto", "fixed"] = "auto"
 
     def __post_init__(self) -> None:
         require(1 <= self.local_epochs <= 1000, "training.local_epochs", self.local_epochs, "must be 1..1000")
@@ -357,7 +361,7 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """What a bank releases about its validation and test rows (logic: clients/private_metrics.py).
+    """What a bank releases about its training, validation and test rows (logic: clients/private_metrics.py).
 
     ``off``: nothing. ``dp``: a 2×bins histogram of model scores per row set with Gaussian noise of std
     ``noise_multiplier`` per cell (sensitivity 1), accounted in the bank's ledger, never past its budget.

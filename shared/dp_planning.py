@@ -25,6 +25,7 @@ own: a bank plans at home; the server never needs it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +33,8 @@ from typing import Literal
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.errors import ConfigError
 from fedchurn.shared.privacy_accounting import noise_multiplier_for, sample_rate_for
+
+logger = logging.getLogger(__name__)
 
 BATCH_PER_SQRT_ROW = 2.0
 MIN_BATCH = 32
@@ -170,3 +173,27 @@ def plan_consortium(config: FedChurnConfig, *, sizes: list[int]) -> FedChurnConf
     ordered = sorted(sizes)
     median = ordered[(len(ordered) - 1) // 2]
     return plan_config(config, n_train=median)
+
+
+def plans_at_the_bank(config: FedChurnConfig) -> bool:
+    """Whether a bank replaces the config's training settings by its own plan (``training.plan: auto`` with DP
+    and a target ε; a fixed σ or no DP leaves the settings as given)."""
+    privacy = config.privacy
+    return config.training.plan == "auto" and privacy.enabled and privacy.target_epsilon is not None
+
+
+def bank_training_config(config: FedChurnConfig, *, n_train: int) -> FedChurnConfig:
+    """The config a bank of ``n_train`` training rows trains with: its own plan (``plan_config``) where
+    ``plans_at_the_bank``, else ``config`` unchanged.
+
+    n is the bank's own and never leaves it: the server sends one config, each bank plans at home. When no useful
+    plan exists (σ above MAX_USEFUL_SIGMA), the config's own settings are kept and logged: σ is still derived
+    from the target ε, and the bank declines the round if no σ can meet it.
+    """
+    if not plans_at_the_bank(config):
+        return config
+    try:
+        return plan_config(config, n_train=n_train)
+    except ConfigError as exc:
+        logger.warning("no useful DP plan for %d training rows (%s): training with the config's settings", n_train, exc)
+        return config

@@ -216,3 +216,25 @@ def test_each_virtual_bank_keeps_its_own_secret_split_key(tmp_path: Path) -> Non
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         keys.append(path.read_bytes())
     assert len(keys[0]) == len(keys[1]) == 32 and keys[0] != keys[1]
+
+
+def test_with_a_target_each_bank_trains_with_its_own_plan(tmp_path: Path) -> None:
+    """training.plan = auto: the bank derives batch, epochs and clipping from its own n; the ledger shows what ran."""
+    from fedchurn.shared.ledger import InstitutionLedger
+
+    config = _config(tmp_path, noise_multiplier=None, target_epsilon=3.0)
+    app = make_client_app(config_to_run_config(config))
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    for partition in (0, 1):
+        _send(app, _context(config, partition=partition), encoder, MessageType.TRAIN, 1)
+    homes = sorted((tmp_path / "run" / "institutions").iterdir())
+    assert len(homes) == 2
+    for home in homes:
+        record = json.loads(InstitutionLedger.in_folder(home).entries()[-1].record_json)
+        n = record["dataset_size"]
+        # Hand formula: B = clamp(round(2 sqrt n), 32, 1024) and at most n // 4; round(20 / 3 rounds) = 7 epochs.
+        batch = min(max(round(2 * math.sqrt(n)), 32), 1024, n // 4)
+        assert record["batch_size"] == batch and record["epochs_per_round"] == 7
+        assert record["clipping_norm"] == 0.5
+        assert record["steps"] == 7 * math.ceil(n / batch)
+        assert record["sample_rate"] == pytest.approx(1 / math.ceil(n / batch))

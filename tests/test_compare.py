@@ -160,8 +160,11 @@ def test_local_epsilon_follows_the_accountant_for_the_derived_sigma(tmp_path: Pa
     comparison = run_comparison(config, modes=("local",), target_epsilon=2.0, output_dir=tmp_path / "cmp")
     for name, by_mode in comparison["institutions"].items():
         n = prepare_institution(config, name).y_train.shape[0]
-        q = sample_rate_for(dataset_size=n, batch_size=64)
-        steps = config.rounds * math.ceil(n / 64)
+        # The bank's own plan (training.plan = auto), by hand: B = round(2 sqrt n) within [32, n // 4] here,
+        # round(20 / rounds) epochs a round.
+        batch = min(max(round(2 * math.sqrt(n)), 32), 1024, n // 4)
+        q = sample_rate_for(dataset_size=n, batch_size=batch)
+        steps = config.rounds * round(20 / config.rounds) * math.ceil(n / batch)
         sigma = noise_multiplier_for(target_epsilon=2.0, delta=1e-5, sample_rate=q, steps=steps)
         expected = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-5)
         assert by_mode["local"]["epsilon"] == pytest.approx(expected, rel=1e-9)

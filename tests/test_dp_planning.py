@@ -11,6 +11,7 @@ from fedchurn.shared.dp_planning import (
     MAX_BATCH,
     MIN_BATCH,
     TOTAL_EPOCHS,
+    bank_training_config,
     plan_config,
     plan_dp,
     planned_batch_size,
@@ -89,3 +90,29 @@ def test_plan_config_sets_training_and_keeps_the_target() -> None:
     fixed_sigma = apply_overrides(config, {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})
     with pytest.raises(ConfigError, match="target"):
         plan_config(fixed_sigma, n_train=1000)
+
+
+def test_a_bank_plans_from_its_own_rows_only_with_a_target_and_plan_auto() -> None:
+    target = apply_overrides(default_config(), {"privacy.noise_multiplier": None, "privacy.target_epsilon": 3.0})
+    assert target.training.plan == "auto"  # the default
+    # Hand-computed for 473 rows, 5 rounds: B = round(2 sqrt(473)) = round(43.5) = 43; 20 / 5 = 4 epochs a round.
+    mine = bank_training_config(target, n_train=473)
+    assert (mine.training.batch_size, mine.training.local_epochs) == (43, 4)
+    assert (mine.training.learning_rate, mine.training.optimizer, mine.privacy.clipping_norm) == (0.01, "adam", 0.5)
+    assert mine.privacy.target_epsilon == 3.0 and mine.privacy.noise_multiplier is None
+    # Another bank of the same consortium, same config: its own plan (2 sqrt(10000) = 200).
+    assert bank_training_config(target, n_train=10_000).training.batch_size == 200
+    # A fixed σ, DP off, or plan: fixed: the settings as given.
+    fixed_sigma = apply_overrides(target, {"privacy.noise_multiplier": 1.2, "privacy.target_epsilon": None})
+    no_dp = apply_overrides(target, {"privacy.enabled": False})
+    as_given = apply_overrides(target, {"training.plan": "fixed"})
+    for config in (fixed_sigma, no_dp, as_given):
+        assert bank_training_config(config, n_train=473) == config
+    # No useful plan (σ > MAX_USEFUL_SIGMA): the config's own settings, σ still derived from the target later.
+    hopeless = apply_overrides(target, {"privacy.target_epsilon": 0.3, "rounds": 50})
+    assert bank_training_config(hopeless, n_train=200) == hopeless
+
+
+def test_training_config_refuses_an_unknown_plan() -> None:
+    with pytest.raises(ConfigError, match="training.plan"):
+        apply_overrides(default_config(), {"training.plan": "guess"})

@@ -220,8 +220,8 @@ def test_shared_imports_only_shared() -> None:
 
 # shared/ modules one app alone runs, and why they stay in shared/ all the same.
 ONE_SIDED_SHARED = {
-    # Planning the training noise is about to move to the bank's side of each round (nothing runs it there yet).
-    "fedchurn.shared.dp_planning": (),
+    # Planning DP-SGD: each bank plans its own training (training.plan: auto); `compare --plan` reads it too.
+    "fedchurn.shared.dp_planning": ("fedchurn.clients.app",),
     # The accountant: the bank runs it; dp_planning (above) and the operator's audit recompose ε with it.
     "fedchurn.shared.privacy_accounting": ("fedchurn.clients.app",),
 }

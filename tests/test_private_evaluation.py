@@ -438,7 +438,7 @@ def test_evaluation_config_names_key_value_and_rule() -> None:
 
 
 def test_calibration_falls_back_when_the_validation_release_is_lost_in_noise() -> None:
-    from fedchurn.clients.private_evaluation import _calibrator
+    from fedchurn.clients.private_evaluation import calibrator_from_releases as _calibrator
     from fedchurn.clients.private_metrics import EvaluationSettings
 
     settings = EvaluationSettings(

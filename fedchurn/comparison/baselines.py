@@ -26,6 +26,7 @@ from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_i
 from fedchurn.clients.training import steps_per_round, train_locally
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
+from fedchurn.shared.dp_planning import bank_training_config
 from fedchurn.shared.model import ChurnModel, build_model, encoder_arrays, load_encoder_arrays
 from fedchurn.shared.privacy_accounting import AccountantState, check_delta, resolve_noise_multiplier, sample_rate_for
 
@@ -57,35 +58,42 @@ def run_local(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, 
     results: dict[str, dict[str, Any]] = {}
     for name in institutions:
         data = prepare_institution(config, name)
-        model = fresh_model(config, input_dim=len(data.feature_names))
-        n_train = len(data.y_train)
-        accountant = AccountantState(accountant=config.privacy.accountant)
-        sigma = 0.0
-        if config.privacy.enabled:
-            check_delta(delta=config.privacy.delta, dataset_size=n_train)
-            per_round = steps_per_round(
-                n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
-            )
-            sigma = resolve_noise_multiplier(
-                config.privacy,
-                sample_rate=sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size),
-                total_steps=per_round * config.rounds,
-            )
-        epsilon = math.inf
-        for server_round in range(1, config.rounds + 1):
-            report = train_locally(
-                model,
-                data.x_train,
-                data.y_train,
-                training=config.training,
-                privacy=config.privacy,
-                accountant=accountant,
-                noise_multiplier=sigma,
-                seed=derive_seed(config.seed, name, server_round, "train"),
-            )
-            accountant, epsilon = report.accountant, report.epsilon
+        model, epsilon = train_local_model(config, data)
         results[name] = _result(model, data, epsilon=epsilon)
     return results
+
+
+def train_local_model(config: FedChurnConfig, data: PreparedInstitution) -> tuple[ChurnModel, float]:
+    """One institution's own DP model alone, with its own plan (as in a federation), and its ε (inf without DP)."""
+    n_train = len(data.y_train)
+    config = bank_training_config(config, n_train=n_train)
+    model = fresh_model(config, input_dim=len(data.feature_names))
+    accountant = AccountantState(accountant=config.privacy.accountant)
+    sigma = 0.0
+    if config.privacy.enabled:
+        check_delta(delta=config.privacy.delta, dataset_size=n_train)
+        per_round = steps_per_round(
+            n_train=n_train, batch_size=config.training.batch_size, local_epochs=config.training.local_epochs
+        )
+        sigma = resolve_noise_multiplier(
+            config.privacy,
+            sample_rate=sample_rate_for(dataset_size=n_train, batch_size=config.training.batch_size),
+            total_steps=per_round * config.rounds,
+        )
+    epsilon = math.inf
+    for server_round in range(1, config.rounds + 1):
+        report = train_locally(
+            model,
+            data.x_train,
+            data.y_train,
+            training=config.training,
+            privacy=config.privacy,
+            accountant=accountant,
+            noise_multiplier=sigma,
+            seed=derive_seed(config.seed, data.name, server_round, "train"),
+        )
+        accountant, epsilon = report.accountant, report.epsilon
+    return model, epsilon
 
 
 def run_centralized(config: FedChurnConfig, institutions: Sequence[str]) -> dict[str, dict[str, Any]]:
