@@ -106,6 +106,7 @@ def per_round_figure(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(left=0.5)  # rounds count from 1: a single release (round 5) still shows where it sits in the run
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

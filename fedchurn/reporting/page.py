@@ -112,7 +112,16 @@ def _run_sections(run: RunFolder) -> list[str]:
     rows = []
     for name in names:
         m = released.get(name) or {}
-        status = "stopped at budget" if name in stopped else "evaluation withheld" if name in withheld else ""
+        # Rounds without a release are usually the release schedule (evaluation.every_rounds), not a refusal:
+        # only a bank that released nothing at all is flagged here; the privacy table lists the rounds.
+        nothing_released = all(m.get(key) is None for key in ("auc", "pr_auc", "ece", "mean_probability"))
+        status = (
+            "stopped at budget"
+            if name in stopped
+            else "no evaluation released"
+            if name in withheld and nothing_released
+            else ""
+        )
         rows.append(
             [
                 name,
@@ -263,14 +272,16 @@ def _privacy_section(
                 "σ training",
                 "σ evaluation",
                 "stopped",
-                "evaluation withheld in",
+                "no evaluation release in",
             ],
             rows,
         )
     )
     parts.append(
         '<p class="note">Lifetime ε: per customer row, add/remove adjacency, composing every training round and '
-        "every evaluation release on the bank's rows, in this and earlier runs (the bank's own ledger). The cap "
+        "every evaluation release on the bank's rows, in this and earlier runs (the bank's own ledger). Rounds "
+        "without an evaluation release follow the release schedule (evaluation.every_rounds; by default one "
+        "release, after the last round) or the bank's policy. The cap "
         "shown is the one a simulated bank applies: its policy's lifetime cap lowered by the config's budget; a "
         "real bank's own policy may be stricter and is not in this folder.</p>"
     )
