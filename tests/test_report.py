@@ -375,3 +375,9 @@ def test_simulate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert _cell(name) in page
         assert _cell(f"{released['epsilon']:.3f}") in page
     assert len(_svgs(page)) == 6
+    # every bank's evaluate replies carried its per-bin figures (default evaluation.bins = 10) and none was dropped
+    records = [json.loads(line) for line in (out / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+    evaluated = [r for r in records if r.get("phase") == "evaluate"]
+    assert evaluated and not any(r.get("dropped") for r in records)
+    assert all("cal-rows-9" in r and "cal-rows-10" not in r for r in evaluated)
+    assert 'alt="reliability diagram per bank"' in page

@@ -429,9 +429,9 @@ def test_hostile_per_bin_figures_are_refused_never_raise(metrics: dict, expected
     assert pooled is not None and pooled["auc"] == 0.5
 
 
-@pytest.mark.parametrize("family", ["cal-prob", "x"])
-def test_a_million_metric_keys_are_refused(family: str) -> None:
-    flood = {**_with_bins(), **{f"{family}-{j}": 0.5 for j in range(10**6)}}
+@pytest.mark.parametrize(("family", "count"), [("cal-prob", 10**6), ("x", 10**4)])
+def test_a_flood_of_metric_keys_is_refused(family: str, count: int) -> None:
+    flood = {**_with_bins(), **{f"{family}-{j}": 0.5 for j in range(count)}}  # well-formed per-bin keys, or junk
     evaluated, _ = _evaluate([_evaluate_reply("bank-a", _with_bins(), 1), _evaluate_reply("mallory", flood, 2)])
     assert [d.institution for d in evaluated["dropped"]] == ["mallory"]
     assert "more than the whitelist allows" in evaluated["dropped"][0].reason

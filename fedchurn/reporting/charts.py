@@ -176,8 +176,8 @@ def reliability_figure(
                 alpha=0.9,
                 zorder=3 if enough else 2,
             )
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.03, 1.03)  # a bin at rate 0 or 1 is drawn whole
+        ax.set_ylim(-0.03, 1.03)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
         title = text(name if len(name) <= 28 else name[:27] + "…")
