@@ -27,10 +27,10 @@ from fedchurn.shared.ledger_signing import COUNTERSIGNATURE_FIELD, WIRE_KEY
 from fedchurn.shared.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    EVALUATE_METRICS,
     IDENTITY_KEY,
     METRICS_KEY,
     TRAIN_METRICS,
+    evaluate_metrics,
     from_array_record,
     identity_record,
     to_array_record,
@@ -131,7 +131,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             return Message(content=decline_content(institution.name, withheld.decline), reply_to=msg)
         content = RecordDict(
             {
-                METRICS_KEY: whitelisted_metrics(metrics, EVALUATE_METRICS),
+                METRICS_KEY: whitelisted_metrics(metrics, evaluate_metrics(institution.config.evaluation.bins)),
                 IDENTITY_KEY: identity_record(institution.name),
             }
         )

@@ -16,7 +16,9 @@ On an evaluate request the bank, in this order:
    alone, or validation + test, when that is too noisy) and fixed risk-decile thresholds, and scores the model by
    its validation histogram; it keeps encoder + head + calibrator of its best round by that score
    (``kept-model.pt`` / ``kept-model.json`` in its state folder), which ``fedchurn predict`` uses;
-5. reports metrics of the released test histogram, for this round's model and for the model it keeps.
+5. reports metrics of the released test histogram, for this round's model and for the model it keeps, and per
+   histogram bin of that release the calibrated probability, noisy churn rate and noisy row count (a reliability
+   diagram; post-processing like the rest).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from fedchurn.clients.private_metrics import (
     histogram_auc,
     histogram_metrics,
     release_histogram,
+    reliability_bins,
     score_histogram,
     secure_rng,
 )
@@ -52,6 +55,7 @@ from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.model import ChurnModel
 from fedchurn.shared.privacy_accounting import epsilon_of
 from fedchurn.shared.provenance import library_versions
+from fedchurn.shared.wire import CALIBRATION_FAMILIES
 from flwr.app import RecordDict
 
 if TYPE_CHECKING:
@@ -195,7 +199,14 @@ def private_evaluation(
     centred, calibrated_on = calibrator_from_releases(val_hist, test_hist, settings, train_hist=train_hist)
     calibrator = centred.moved(offset)  # in the model's own logit space, as fedchurn predict scores
     val_auc = histogram_auc(val_hist)
-    test = histogram_metrics(test_hist, centred.probabilities(spec.centres))
+    test_probabilities = centred.probabilities(spec.centres)
+    test = histogram_metrics(test_hist, test_probabilities)
+    # the reliability diagram of this release: from the released test histogram and the calibrator only
+    per_bin = {
+        f"{family}-{j}": float(value)
+        for family, values in zip(CALIBRATION_FAMILIES, reliability_bins(test_hist, test_probabilities), strict=True)
+        for j, value in enumerate(values)
+    }
     current = {
         "round": int(server_round),
         "val_auc": val_auc,
@@ -236,6 +247,7 @@ def private_evaluation(
         # the exact training-set size only where the bank's policy releases it (0.0: withheld)
         "n-train": float(len(data.y_train)) if institution.policy.report_dataset_size else 0.0,
         "n-test": max(0.0, float(round(test["count"]))),
+        **per_bin,
     }
 
 

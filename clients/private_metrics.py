@@ -38,6 +38,7 @@ __all__ = [
     "evaluation_settings",
     "histogram_metrics",
     "release_histogram",
+    "reliability_bins",
     "score_histogram",
     "secure_rng",
 ]
@@ -226,6 +227,23 @@ def calibration_table(
             }
         )
     return table
+
+
+def reliability_bins(histogram: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per histogram bin j: the probability its rows are given, its churn rate and its row count (post-processing).
+
+    Counts are the (noisy) released ones: a bin's rows are clipped at 0 and its rate, churners / rows clipped to
+    [0, 1], is NaN where the rows are not positive. ``probabilities[j]`` as in :func:`calibration_table`.
+    """
+    h = _checked(histogram)
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    if p.shape != (h.shape[1],):
+        raise FedChurnError(f"{p.shape} probabilities for {h.shape[1]} histogram bins")
+    total = h[0] + h[1]
+    positive = total > 0.0
+    rate = np.full(total.shape, np.nan)
+    rate[positive] = np.clip(h[1][positive] / total[positive], 0.0, 1.0)
+    return p, rate, np.clip(total, 0.0, None)
 
 
 def expected_calibration_error(table: Sequence[dict[str, float]]) -> float:

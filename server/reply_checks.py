@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from fedchurn.shared.wire import IDENTITY_KEY, INSTITUTION_FIELD, WEIGHT_KEY
+from fedchurn.shared.wire import (
+    CALIBRATION_FAMILIES,
+    IDENTITY_KEY,
+    INSTITUTION_FIELD,
+    MAX_CALIBRATION_BINS,
+    WEIGHT_KEY,
+    calibration_key,
+)
 from flwr.app import Message
 
 LEDGER_KEY = "ledger"  # optional ConfigRecord of a train reply: the institution's signed ledger entry
@@ -27,6 +34,57 @@ MAY_BE_UNDEFINED = frozenset(
     {"auc", "pr-auc", "val-auc", "brier", "ece", "loss", "mean-probability", "churn-rate", "kept-auc", "kept-ece"}
     | {"kept-round"}
 )
+MAX_BIN_ROWS = 1e9  # a noisy row count of one histogram bin above this is no bank's
+
+
+def check_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...], *, per_bin: bool = False) -> str | None:
+    """Why these reply metrics are unacceptable, or None: exactly ``allowed``, each one number.
+
+    NaN only for the figures of a noisy histogram (:data:`MAY_BE_UNDEFINED`). With ``per_bin`` (evaluate replies)
+    the reply may also carry the reliability figures of its test histogram: for some B in
+    [2, :data:`~fedchurn.shared.wire.MAX_CALIBRATION_BINS`], every ``cal-prob-j``, ``cal-rate-j`` and ``cal-rows-j``
+    for j < B and no other (:func:`check_calibration_bins`).
+    """
+    if not per_bin:
+        return _check_exact(metrics, allowed)
+    if len(metrics) > len(allowed) + len(CALIBRATION_FAMILIES) * MAX_CALIBRATION_BINS:
+        return f"{len(metrics)} metrics: more than the whitelist allows"
+    plain = {key: value for key, value in metrics.items() if not (isinstance(key, str) and calibration_key(key))}
+    return _check_exact(plain, allowed) or check_calibration_bins(
+        {key: value for key, value in metrics.items() if key not in plain}
+    )
+
+
+def check_calibration_bins(metrics: Mapping[str, Any]) -> str | None:
+    """Why these per-bin figures are unacceptable, or None. None present is fine (no diagram).
+
+    Each of the three families holds the same bins 0..B-1, 2 <= B <= MAX_CALIBRATION_BINS; ``cal-prob-j`` is a
+    probability in [0, 1], ``cal-rate-j`` one too or NaN (a bin the noise left empty), ``cal-rows-j`` a finite
+    count in [0, MAX_BIN_ROWS].
+    """
+    if not metrics:
+        return None
+    indices: dict[str, set[int]] = {family: set() for family in CALIBRATION_FAMILIES}
+    for key in metrics:
+        family, j = calibration_key(key) or ("", -1)
+        indices[family].add(j)
+    bins = len(indices[CALIBRATION_FAMILIES[0]])
+    if not 2 <= bins <= MAX_CALIBRATION_BINS or any(found != set(range(bins)) for found in indices.values()):
+        return (
+            f"per-bin calibration figures must be {', '.join(f'{f}-j' for f in CALIBRATION_FAMILIES)} for every "
+            f"j from 0 to B-1, with 2 <= B <= {MAX_CALIBRATION_BINS}"
+        )
+    for key, value in metrics.items():
+        if not is_number(value):
+            return f"metric '{key}' must be one number, got {type(value).__name__} {_short(value)}"
+        number = float(value)
+        family = (calibration_key(key) or ("", 0))[0]
+        if family == "cal-rate" and math.isnan(number):
+            continue
+        high = MAX_BIN_ROWS if family == "cal-rows" else 1.0
+        if not 0.0 <= number <= high:  # False for NaN
+            return f"metric '{key}' must be in [0, {high:g}], got {number!r}"
+    return None
 
 
 def _short(value: Any) -> str:
@@ -39,11 +97,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> str | None:
-    """Why these reply metrics are unacceptable, or None: exactly ``allowed``, each one number.
-
-    NaN only for the figures of a noisy histogram (:data:`MAY_BE_UNDEFINED`).
-    """
+def _check_exact(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> str | None:
     extra = sorted(str(key) for key in set(metrics) - set(allowed))
     if extra:
         return f"metrics outside the whitelist: {extra[:10]}"

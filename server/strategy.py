@@ -35,6 +35,7 @@ from fedchurn.shared.wire import (
     METRICS_KEY,
     TRAIN_METRICS,
     WEIGHT_KEY,
+    calibration_key,
     from_array_record,
     to_array_record,
 )
@@ -161,7 +162,9 @@ class EncoderAggregation:
     def _weighted(self, reply: Reply) -> Message:
         """The reply's message carrying its checked metrics and its capped weight (what the aggregate uses)."""
         message = reply.message
-        message.content[METRICS_KEY] = MetricRecord({**reply.metrics, WEIGHT_KEY: reply.weight})
+        # the round's pooled figures: per-bin reliability figures are one bank's own, not averaged
+        pooled = {k: v for k, v in reply.metrics.items() if calibration_key(k) is None}
+        message.content[METRICS_KEY] = MetricRecord({**pooled, WEIGHT_KEY: reply.weight})
         return message
 
     def _norms(self, accepted: list[Reply]) -> dict[str, float]:
@@ -260,7 +263,7 @@ class EncoderAggregation:
             return problem
         if set(content.metric_records) != {METRICS_KEY}:
             return f"expected one metric record '{METRICS_KEY}', got {sorted(content.metric_records)[:10]}"
-        problem = check_metrics(content.metric_records[METRICS_KEY], allowed)
+        problem = check_metrics(content.metric_records[METRICS_KEY], allowed, per_bin=not train)
         if problem or not with_arrays:
             if problem is None and content.array_records:
                 return f"arrays sent where none are expected: {sorted(content.array_records)[:10]}"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedchurn.shared.config import FedChurnConfig, config_to_run_config, dump_config
+from fedchurn.shared.wire import calibration_key
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def round_scalars(
     for phase, replies in (("train", train), ("evaluate", evaluate)):
         for institution, metrics in replies.items():
             for metric, value in metrics.items():
-                values[f"{phase}/{safe_name(metric)}/{safe_name(institution)}"] = _number(value)
+                if calibration_key(metric) is None:  # per-bin reliability figures: in rounds.jsonl and the report
+                    values[f"{phase}/{safe_name(metric)}/{safe_name(institution)}"] = _number(value)
     aucs = [_number(m.get("auc")) for m in evaluate.values()]
     aucs = [a for a in aucs if math.isfinite(a)]
     epsilons = [_number(m.get("epsilon")) for replies in (train, evaluate) for m in replies.values()]

@@ -46,6 +46,29 @@ EVALUATE_METRICS = (
     "n-train",
     "n-test",
 )
+# The reliability diagram of the released test histogram, one triple per histogram bin j (0 <= j < bins): the
+# calibrated probability of the bin, its noisy churn rate (NaN when its noisy row count is not positive) and its
+# noisy row count (clipped at 0). Post-processing of the DP test histogram: no further privacy cost.
+CALIBRATION_FAMILIES = ("cal-prob", "cal-rate", "cal-rows")
+MAX_CALIBRATION_BINS = 1000  # the most evaluation.bins allows (shared/config_schema.py)
+
+
+def calibration_metrics(bins: int) -> tuple[str, ...]:
+    """The per-bin keys of a reply with ``bins`` histogram bins: each ``cal-prob-j``, ``cal-rate-j``, ``cal-rows-j``."""
+    return tuple(f"{family}-{j}" for family in CALIBRATION_FAMILIES for j in range(bins))
+
+
+def evaluate_metrics(bins: int) -> tuple[str, ...]:
+    """Everything a bank's evaluate reply carries with ``bins`` histogram bins (evaluation.bins)."""
+    return EVALUATE_METRICS + calibration_metrics(bins)
+
+
+def calibration_key(key: str) -> tuple[str, int] | None:
+    """``(family, j)`` for a well-formed per-bin key (``cal-rate-3``), else None (``cal-rate-03`` included)."""
+    family, _, index = key.rpartition("-")
+    if family not in CALIBRATION_FAMILIES or not index.isdigit() or not index.isascii() or str(int(index)) != index:
+        return None
+    return family, int(index)
 
 
 def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -17,7 +17,7 @@ from fedchurn.server.app import initial_encoder
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_run_config, default_config
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
-from fedchurn.shared.wire import EVALUATE_METRICS, TRAIN_METRICS, from_array_record, to_array_record
+from fedchurn.shared.wire import TRAIN_METRICS, evaluate_metrics, from_array_record, to_array_record
 from flwr.app import Context, Message, MessageType, RecordDict
 
 
@@ -117,7 +117,7 @@ def test_reply_carries_encoder_and_whitelisted_metrics_only_and_epsilon_composes
 
     evaluation = _send(app, context, encoder, MessageType.EVALUATE, 3).content
     assert set(evaluation.array_records) == set(), "evaluation sends no weights back"
-    assert set(evaluation["metrics"]) == set(EVALUATE_METRICS)
+    assert set(evaluation["metrics"]) == set(evaluate_metrics(config.evaluation.bins))
     # The release is one more Gaussian step (σ_e, q = 1) composed with the training history.
     with_release = (
         AccountantState(accountant="rdp")

@@ -25,6 +25,7 @@ from fedchurn.clients.private_metrics import (
     histogram_metrics,
     histogram_pr_auc,
     release_histogram,
+    reliability_bins,
     score_histogram,
     secure_rng,
 )
@@ -44,7 +45,7 @@ from fedchurn.shared.config import (
     dump_config,
 )
 from fedchurn.shared.decline import DECLINE_METRICS, EVALUATION_WITHHELD
-from fedchurn.shared.errors import DataError
+from fedchurn.shared.errors import DataError, FedChurnError
 from fedchurn.shared.institution_rows import resolve_schema, write_csv
 from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.privacy_accounting import (
@@ -55,7 +56,7 @@ from fedchurn.shared.privacy_accounting import (
     sample_rate_for,
 )
 from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
-from fedchurn.shared.wire import EVALUATE_METRICS, to_array_record
+from fedchurn.shared.wire import evaluate_metrics, to_array_record
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -123,6 +124,19 @@ def test_brier_and_ece_from_a_histogram_match_hand_values() -> None:
     assert m["brier"] == pytest.approx(0.17)
     assert m["ece"] == pytest.approx(0.1)  # |0.2 − 0.1| and |0.8 − 0.9|, each half the rows
     assert m["mean_probability"] == pytest.approx(0.5) and m["churn_rate"] == pytest.approx(0.5)
+
+
+def test_reliability_bins_match_hand_values_on_noisy_counts() -> None:
+    # bin 0: 6 + 2 rows; bin 1: -1.5 + 0.5 (the noise left it empty); bin 2: 0.5 + 2 (churners above the rows
+    # of a noisy cell pair are clipped: 2 / 2.5 = 0.8); bin 3: -0.2 + 1.2 = 1 row, all churners.
+    counts = np.array([[6.0, -1.5, 0.5, -0.2], [2.0, 0.5, 2.0, 1.2]])
+    probability, rate, rows = reliability_bins(counts, np.array([0.1, 0.3, 1.2, 0.9]))
+    np.testing.assert_allclose(probability, [0.1, 0.3, 1.0, 0.9])  # a probability is clipped to [0, 1]
+    np.testing.assert_allclose(rows, [8.0, 0.0, 2.5, 1.0])
+    assert rate[0] == pytest.approx(0.25) and math.isnan(rate[1])
+    assert rate[2] == pytest.approx(0.8) and rate[3] == pytest.approx(1.0)
+    with pytest.raises(FedChurnError, match="probabilities for 4"):
+        reliability_bins(counts, np.array([0.1, 0.2]))
 
 
 def test_gaussian_release_composes_as_hand_computed_rdp_and_matches_dp_accounting() -> None:
@@ -292,7 +306,7 @@ def test_a_server_asking_every_round_gets_at_most_one_release_per_trained_round(
             reply = _send(app, context, encoder, MessageType.EVALUATE, claimed)
             released.append(not _is_withheld(reply))
             if released[-1]:
-                assert set(reply.content["metrics"]) == set(EVALUATE_METRICS)
+                assert set(reply.content["metrics"]) == set(evaluate_metrics(config.evaluation.bins))
     assert sum(released) == 2
     records = _evaluate_records(config)
     assert len(records) == 2
@@ -334,8 +348,41 @@ def test_an_encoder_that_overflows_on_some_rows_still_gets_only_a_dp_release(tmp
     # Finite weights (the bank's checks pass) so large that rows overflow to inf/NaN depending on their values.
     hostile = {k: (v * np.float32(1e37) if v.ndim == 2 else v) for k, v in encoder.items()}
     reply = _send(app, context, hostile, MessageType.EVALUATE, 1)  # no error reply whatever the rows hold
-    assert not _is_withheld(reply) and set(reply.content["metrics"]) == set(EVALUATE_METRICS)
+    assert not _is_withheld(reply) and set(reply.content["metrics"]) == set(evaluate_metrics(config.evaluation.bins))
     assert len(_evaluate_records(config)) == 1
+
+
+def test_per_bin_figures_come_from_the_released_test_histogram_not_the_exact_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedchurn.clients.private_evaluation as private_evaluation
+
+    seen: dict[str, np.ndarray] = {}
+
+    def spy(counts: np.ndarray, **kwargs) -> np.ndarray:
+        seen["exact"] = np.array(counts)
+        seen["released"] = release_histogram(counts, **kwargs)
+        return seen["released"]
+
+    monkeypatch.setattr(private_evaluation, "release_histogram", spy)
+    config = _config(tmp_path, rounds=1, bins=7)
+    app, context = make_client_app(), _context(config)
+    encoder = initial_encoder(config, resolve_schema(config.data).feature_names)
+    _send(app, context, encoder, MessageType.TRAIN, 1)
+    metrics = _send(app, context, encoder, MessageType.EVALUATE, 1).content["metrics"]
+    assert set(metrics) == set(evaluate_metrics(7))
+    test, exact = seen["released"][2:4], seen["exact"][2:4]  # validation, test, training: the test part
+    for j in range(7):
+        rows = test[0, j] + test[1, j]
+        assert metrics[f"cal-rows-{j}"] == pytest.approx(max(0.0, rows), abs=1e-9)
+        if rows > 0:
+            assert metrics[f"cal-rate-{j}"] == pytest.approx(min(1.0, max(0.0, test[1, j] / rows)), abs=1e-9)
+        else:
+            assert math.isnan(metrics[f"cal-rate-{j}"])
+        assert 0.0 <= metrics[f"cal-prob-{j}"] <= 1.0
+    # σ_e = 5 per cell: the figures sent are the noisy ones, never the exact counts
+    sent_rows = np.array([metrics[f"cal-rows-{j}"] for j in range(7)])
+    assert not np.allclose(sent_rows, exact.sum(axis=0))
 
 
 def test_default_releases_only_after_the_last_round_and_keeps_a_calibrated_model(tmp_path: Path) -> None:

@@ -51,7 +51,22 @@ def _evaluation(auc: float, *, epsilon: float, kept_round: int) -> dict[str, flo
         "delta": 1e-5,
         "n-train": 0.0,
         "n-test": 100.0,
+        **reliability_figures(BINS),
     }
+
+
+BINS = 10
+
+
+def reliability_figures(bins: int) -> dict[str, float]:
+    """Per-bin figures as a bank sends them: bin j at probability (j + 0.5) / bins with churn rate j / bins and
+    10·j noisy rows (bin 0: the noise left it empty, rate NaN)."""
+    values: dict[str, float] = {}
+    for j in range(bins):
+        rows = 10.0 * j
+        values |= {f"cal-prob-{j}": (j + 0.5) / bins, f"cal-rate-{j}": j / bins if rows else math.nan}
+        values[f"cal-rows-{j}"] = rows
+    return values
 
 
 def make_run(
@@ -206,6 +221,53 @@ def test_auc_chart_shows_chance_and_the_kept_round() -> None:
     assert math.isnan(ys[1])  # type: ignore[index]  # a round without a defined AUC is a gap, not a zero
 
 
+def test_the_reliability_diagram_of_each_banks_last_release(tmp_path: Path) -> None:
+    run = read_run_folder(make_run(tmp_path, ["bank-a", "bank-b"], rounds=3))
+    round_number, bins = run.series["bank-a"].reliability or (0, ())
+    assert round_number == 3 and len(bins) == BINS
+    assert bins[0].rate is None and bins[0].rows == 0.0  # NaN went through rounds.jsonl as null
+    assert (bins[4].probability, bins[4].rate, bins[4].rows) == (pytest.approx(0.45), pytest.approx(0.4), 40.0)
+    page = build_report(run)
+    assert 'alt="reliability diagram per bank"' in page
+    # the mean-vs-rate table stays: mean predicted 0.2, observed 0.25 for every bank
+    assert _cell("0.200") in page and _cell("0.250") in page
+
+
+def test_reliability_figure_greys_thin_bins_and_sizes_points_by_rows() -> None:
+    from fedchurn.reporting.run_folder import ReliabilityBin
+
+    bins = [
+        ReliabilityBin(probability=0.1, rate=None, rows=0.0),  # undefined: not drawn
+        ReliabilityBin(probability=0.3, rate=0.2, rows=5.0),  # below min_rows: grey
+        ReliabilityBin(probability=0.5, rate=0.6, rows=50.0),
+        ReliabilityBin(probability=0.9, rate=0.8, rows=100.0),
+    ]
+    fig = charts.reliability_figure({"a": bins, "b": bins[2:]}, min_rows={"a": 20.0, "b": 20.0}, rounds={"a": 3})
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 2 and "round 3" in visible[0].get_title()
+    ax = visible[0]
+    diagonal = [line for line in ax.get_lines() if list(line.get_xdata()) == [0, 1]]
+    assert len(diagonal) == 1 and list(diagonal[0].get_ydata()) == [0, 1]
+    thin, enough = ax.collections  # drawn in that order
+    assert thin.get_offsets().tolist() == [[0.3, 0.2]]
+    assert enough.get_offsets().tolist() == [[0.5, 0.6], [0.9, 0.8]]
+    assert tuple(thin.get_facecolors()[0][:3]) != tuple(enough.get_facecolors()[0][:3])  # grey, not blue
+    # area grows with the noisy rows: 8 + 140 · rows / the bank's largest
+    assert list(enough.get_sizes()) == [pytest.approx(78.0), pytest.approx(148.0)]
+    assert list(thin.get_sizes()) == [pytest.approx(15.0)]
+
+
+def test_a_run_without_per_bin_figures_says_so(tmp_path: Path) -> None:
+    folder = make_run(tmp_path, ["bank-a"], rounds=1)
+    rounds = folder / "rounds.jsonl"
+    lines = [json.loads(line) for line in rounds.read_text(encoding="utf-8").splitlines()]
+    old = [{k: v for k, v in line.items() if not k.startswith("cal-")} for line in lines]
+    rounds.write_text("".join(json.dumps(line) + "\n" for line in old), encoding="utf-8")
+    page = build_report(read_run_folder(folder))
+    assert "No bank sent per-bin calibration figures in this run." in page
+    assert _cell("0.250") in page  # the mean-vs-rate table does not need them
+
+
 def test_bank_series_takes_the_largest_epsilon_per_round_and_skips_dropped_replies() -> None:
     records = [
         {"round": 1, "phase": "train", "institution": "a", "epsilon": 1.0, "noise-multiplier": 1.3},
@@ -313,3 +375,9 @@ def test_simulate_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert _cell(name) in page
         assert _cell(f"{released['epsilon']:.3f}") in page
     assert len(_svgs(page)) == 6
+    # every bank's evaluate replies carried its per-bin figures (default evaluation.bins = 10) and none was dropped
+    records = [json.loads(line) for line in (out / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+    evaluated = [r for r in records if r.get("phase") == "evaluate"]
+    assert evaluated and not any(r.get("dropped") for r in records)
+    assert all("cal-rows-9" in r and "cal-rows-10" not in r for r in evaluated)
+    assert 'alt="reliability diagram per bank"' in page

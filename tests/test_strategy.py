@@ -351,3 +351,107 @@ def test_rounds_without_any_answer_stop_the_run() -> None:
     rounds.aggregate_train(3, dead)
     with pytest.raises(NoRepliesError, match="rounds 3-4: no institution answered"):
         rounds.aggregate_train(4, [])
+
+
+def _evaluate_reply(name: str, metrics: dict, node: int) -> Message:
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics), "identity": identity_record(name)}), reply_to=_instruction(node)
+    )
+
+
+def _with_bins(bins: int = 10) -> dict[str, float]:
+    from fedchurn.shared.wire import EVALUATE_METRICS
+
+    values = dict.fromkeys(EVALUATE_METRICS, 0.5)
+    for j in range(bins):
+        values |= {f"cal-prob-{j}": (j + 0.5) / bins, f"cal-rate-{j}": 0.2, f"cal-rows-{j}": 40.0 + j}
+    return values
+
+
+def _evaluate(replies: list[Message]) -> tuple[dict, MetricRecord | None]:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    evaluated: dict[str, list] = {}
+    recorder.on_evaluate = lambda r, accepted, dropped: evaluated.update(accepted=accepted, dropped=dropped)
+    pooled = strategy.aggregate_evaluate(1, replies)
+    return evaluated, pooled
+
+
+def test_per_bin_calibration_figures_are_kept_per_bank_and_never_pooled() -> None:
+    from fedchurn.shared.wire import EVALUATE_METRICS, calibration_metrics
+
+    empty_bin = {**_with_bins(4), "cal-rate-2": float("nan"), "cal-rows-2": 0.0}  # the noise left bin 2 empty
+    evaluated, pooled = _evaluate(
+        [
+            _evaluate_reply("bank-a", _with_bins(10), 1),
+            _evaluate_reply("bank-b", empty_bin, 2),
+            _evaluate_reply("bank-c", dict.fromkeys(EVALUATE_METRICS, 0.5), 3),  # none sent: no diagram, accepted
+        ]
+    )
+    assert evaluated["dropped"] == []
+    accepted = {r.institution: r.metrics for r in evaluated["accepted"]}
+    assert accepted["bank-a"]["cal-rows-9"] == 49.0 and set(calibration_metrics(10)) <= set(accepted["bank-a"])
+    assert math.isnan(accepted["bank-b"]["cal-rate-2"])
+    assert pooled is not None and pooled["auc"] == 0.5
+    assert not any(key.startswith("cal-") for key in pooled), "one bank's bins are not averaged with another's"
+
+
+def _without(values: dict, *keys: str) -> dict:
+    return {k: v for k, v in values.items() if k not in keys}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({**_with_bins(), "cal-prob-3": 1.5}, "'cal-prob-3' must be in [0, 1]"),
+        ({**_with_bins(), "cal-prob-3": float("nan")}, "'cal-prob-3' must be in [0, 1]"),
+        ({**_with_bins(), "cal-rate-0": -0.1}, "'cal-rate-0' must be in [0, 1]"),
+        ({**_with_bins(), "cal-rate-0": float("inf")}, "'cal-rate-0' must be in [0, 1]"),
+        ({**_with_bins(), "cal-rows-5": -1.0}, "'cal-rows-5' must be in [0, 1e+09]"),
+        ({**_with_bins(), "cal-rows-5": 1e12}, "'cal-rows-5' must be in [0, 1e+09]"),
+        ({**_with_bins(), "cal-rows-5": float("nan")}, "'cal-rows-5' must be in [0, 1e+09]"),
+        ({**_with_bins(), "cal-rows-5": [1.0, 2.0]}, "'cal-rows-5' must be one number"),
+        (_without(_with_bins(), "cal-rate-4"), "for every j from 0 to B-1"),  # a gap
+        (_without(_with_bins(), *(f"cal-rows-{j}" for j in range(10))), "for every j from 0 to B-1"),  # a family
+        ({**_with_bins(), "cal-prob-10": 0.5}, "for every j from 0 to B-1"),  # one family longer
+        (_with_bins(1), "2 <= B <= 1000"),
+        (_with_bins(1001), "more than the whitelist allows"),
+        ({**_with_bins(), "cal-prob-01": 0.5}, "outside the whitelist: ['cal-prob-01']"),  # not a canonical index
+        ({**_with_bins(), "cal-bins-0": 0.5}, "outside the whitelist: ['cal-bins-0']"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_hostile_per_bin_figures_are_refused_never_raise(metrics: dict, expected: str) -> None:
+    evaluated, pooled = _evaluate([_evaluate_reply("bank-a", _with_bins(), 1), _evaluate_reply("mallory", metrics, 2)])
+    assert [r.institution for r in evaluated["accepted"]] == ["bank-a"]
+    assert [d.institution for d in evaluated["dropped"]] == ["mallory"], evaluated["dropped"]
+    assert expected in evaluated["dropped"][0].reason, evaluated["dropped"][0].reason
+    assert pooled is not None and pooled["auc"] == 0.5
+
+
+@pytest.mark.parametrize(("family", "count"), [("cal-prob", 10**6), ("x", 10**4)])
+def test_a_flood_of_metric_keys_is_refused(family: str, count: int) -> None:
+    flood = {**_with_bins(), **{f"{family}-{j}": 0.5 for j in range(count)}}  # well-formed per-bin keys, or junk
+    evaluated, _ = _evaluate([_evaluate_reply("bank-a", _with_bins(), 1), _evaluate_reply("mallory", flood, 2)])
+    assert [d.institution for d in evaluated["dropped"]] == ["mallory"]
+    assert "more than the whitelist allows" in evaluated["dropped"][0].reason
+
+
+def test_a_train_reply_carries_no_per_bin_figures() -> None:
+    recorder = Recorder()
+    strategy = _strategy(recorder)
+    hostile = _reply("mallory", _arrays(1.0), {**_metrics(1.0), "cal-prob-0": 0.5, "cal-prob-1": 0.5})
+    strategy.aggregate_train(1, [*_honest(2), hostile])
+    assert [d.institution for d in recorder.dropped] == ["mallory"] and "outside the whitelist" in recorder.dropped[
+        0
+    ].reason
+
+
+def test_the_per_bin_whitelist_covers_every_bin_count_the_config_allows() -> None:
+    from fedchurn.shared.config_schema import EvaluationConfig
+    from fedchurn.shared.errors import ConfigError
+    from fedchurn.shared.wire import MAX_CALIBRATION_BINS
+
+    EvaluationConfig(bins=MAX_CALIBRATION_BINS)
+    with pytest.raises(ConfigError, match="evaluation.bins"):
+        EvaluationConfig(bins=MAX_CALIBRATION_BINS + 1)

@@ -173,6 +173,12 @@ def test_round_scalars_skip_what_is_not_a_finite_number() -> None:
     }
 
 
+def test_round_scalars_leave_out_per_bin_reliability_figures() -> None:
+    per_bin = {"cal-prob-0": 0.1, "cal-rate-0": 0.2, "cal-rows-0": 30.0, "cal-prob-1": 0.6}
+    values = round_scalars(train={}, evaluate={"a": {"auc": 0.7, **per_bin}}, seconds=1.0, dropped=0)
+    assert not any("cal-" in tag for tag in values) and values["evaluate/auc/a"] == 0.7
+
+
 def test_safe_names_are_distinct_and_accepted_by_both_backends() -> None:
     names = ["bank-01", "bank 01", "bank_01", "bank/01", "..", "", "ü", "a" * 64, "a" * 65, "a" * 66]
     safe = [safe_name(n) for n in names]

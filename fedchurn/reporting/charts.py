@@ -18,10 +18,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedchurn.reporting.run_folder import ReliabilityBin
+
 CHANCE_AUC = 0.5
 MAX_COLOURED = 8  # up to this many banks: one colour and legend entry each
 HIGHLIGHTED = 5  # beyond it: this many banks highlighted
 GREY = "#b8b8b8"
+MAX_PANELS = 24  # reliability diagrams drawn; beyond it, the banks with the largest ECE
+PANEL_COLUMNS = 4
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 
 Series = Mapping[int, float | None]
@@ -141,26 +145,50 @@ def budget_chart(spent: Mapping[str, float | None], caps: Mapping[str, float | N
     return to_data_uri(fig)
 
 
-def calibration_chart(points: Mapping[str, tuple[float | None, float | None]], *, labelled: int = 12) -> str:
-    """Calibration in the large: each bank's mean predicted churn probability against its observed churn rate."""
-    fig, ax = _figure(5.2, 5.0)
-    ax.plot([0, 1], [0, 1], color="tab:red", linestyle="--", linewidth=1, label="perfect calibration")
-    usable = {n: (x, y) for n, (x, y) in points.items() if x is not None and y is not None}
-    xs = [x for x, _ in usable.values()]
-    ys = [y for _, y in usable.values()]
-    ax.scatter(xs, ys, color="tab:blue", s=22, zorder=3, label="bank (last DP release)")
-    if len(usable) <= labelled:
-        for name, (x, y) in usable.items():
-            ax.annotate(text(name), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")  # type: ignore[arg-type]
-    top = max([0.1, *xs, *ys]) * 1.1
-    ax.set_xlim(0, min(1.0, top))
-    ax.set_ylim(0, min(1.0, top))
-    ax.set_xlabel("mean predicted churn probability (calibrated)")
-    ax.set_ylabel("observed churn rate")
-    ax.set_title("Reliability per bank (calibration in the large)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    return to_data_uri(fig)
+def reliability_figure(
+    bins: Mapping[str, Sequence[ReliabilityBin]], *, min_rows: Mapping[str, float], rounds: Mapping[str, int]
+) -> Figure:
+    """Small multiples, one reliability diagram per bank: each histogram bin of its released test histogram at
+    (calibrated probability, noisy churn rate), its area by its noisy row count; grey: fewer than ``min_rows[bank]``
+    noisy rows (the noise dominates its rate). The dashed diagonal is perfect calibration."""
+    names = list(bins)
+    columns = min(PANEL_COLUMNS, max(1, len(names)))
+    rows_of_panels = math.ceil(len(names) / columns)
+    fig = Figure(figsize=(2.4 * columns + 0.4, 2.4 * rows_of_panels + 0.6), layout="constrained")
+    axes = fig.subplots(rows_of_panels, columns, sharex=True, sharey=True, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(names):
+            ax.set_visible(False)
+            continue
+        name = names[index]
+        drawn = [b for b in bins[name] if b.rate is not None]
+        largest = max([b.rows for b in drawn] + [1.0])
+        floor = min_rows.get(name, 0.0)
+        ax.plot([0, 1], [0, 1], color="tab:red", linestyle="--", linewidth=0.9)
+        for enough in (False, True):
+            chosen = [b for b in drawn if (b.rows >= floor) is enough]
+            ax.scatter(
+                [b.probability for b in chosen],
+                [b.rate for b in chosen],
+                s=[8.0 + 140.0 * b.rows / largest for b in chosen],
+                color="tab:blue" if enough else GREY,
+                edgecolors="black" if enough else "none",
+                linewidths=0.4,
+                alpha=0.9,
+                zorder=3 if enough else 2,
+            )
+        ax.set_xlim(-0.03, 1.03)  # a bin at rate 0 or 1 is drawn whole
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        title = text(name if len(name) <= 28 else name[:27] + "…")
+        ax.set_title(f"{title} (round {rounds.get(name, '?')})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if index + columns >= len(names):  # the lowest panel of its column: its own probability axis
+            ax.tick_params(labelbottom=True)
+    fig.supxlabel("calibrated churn probability of the bin", fontsize=9)
+    fig.supylabel("observed churn rate (noisy)", fontsize=9)
+    return fig
 
 
 def ece_chart(ece: Mapping[str, float | None], kept_ece: Mapping[str, float | None]) -> str:

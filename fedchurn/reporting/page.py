@@ -322,14 +322,13 @@ def _calibration_section(run: RunFolder, names: Sequence[str]) -> str:
         parts.append("<p>No bank released calibration statistics in this run.</p>")
         return "".join(parts)
     kept_ece = {n: (released.get(n) or {}).get("model_ece") for n in names}
-    figures = [
-        _figure(
-            charts.calibration_chart(points),
-            "reliability per bank",
-            "Each bank's mean calibrated churn probability against its observed churn rate, both from its last "
-            "DP-released test histogram (on the diagonal: calibrated in the large).",
-        ),
-    ]
+    parts.append(
+        _table(
+            ["bank", "mean predicted churn probability (calibrated)", "observed churn rate", "ECE"],
+            ([n, _fmt(points[n][0]), _fmt(points[n][1]), _fmt(ece.get(n))] for n in names if n in released),
+        )
+    )
+    figures = [_reliability_figure(run, names, ece)]
     maps: dict[str, tuple[float, float]] = {}
     for name, record in run.kept.items():
         calibration = record.get("calibration") or {}
@@ -349,12 +348,41 @@ def _calibration_section(run: RunFolder, names: Sequence[str]) -> str:
         )
     parts.append('<div class="grid">' + "".join(figures) + "</div>")
     parts.append(_figure(charts.ece_chart(ece, kept_ece), "ECE per bank", "Expected calibration error per bank."))
-    parts.append(
-        '<p class="note">A binned reliability diagram needs each bank\'s released score histogram, which stays at '
-        "the bank; the run folder keeps the released summary figures (mean probability, churn rate, ECE) and, for "
-        "simulated banks, each kept model's Platt parameters.</p>"
-    )
     return "".join(parts)
+
+
+def _reliability_figure(run: RunFolder, names: Sequence[str], ece: Mapping[str, Any]) -> str:
+    """Each bank's reliability diagram of its last release that carried one (its per-bin figures)."""
+    latest = {n: r for n in names if (s := run.series.get(n)) is not None and (r := s.reliability)}
+    if not latest:
+        return '<p class="note">No bank sent per-bin calibration figures in this run.</p>'
+    shown = list(latest)
+    if len(shown) > charts.MAX_PANELS:
+        shown = sorted(shown, key=lambda n: -(ece.get(n) or 0.0))[: charts.MAX_PANELS]
+    min_rows = {n: _min_bin_rows(evaluation_sigma(run.config, n)) for n in shown}
+    uri = charts.to_data_uri(
+        charts.reliability_figure(
+            {n: latest[n][1] for n in shown}, min_rows=min_rows, rounds={n: latest[n][0] for n in shown}
+        )
+    )
+    extra = (
+        f" The {len(shown)} banks with the largest ECE of {len(latest)} are drawn." if len(shown) < len(latest) else ""
+    )
+    return _figure(
+        uri,
+        "reliability diagram per bank",
+        "Per bank, each bin of its last DP-released test histogram: calibrated churn probability against the noisy "
+        "observed churn rate, the area by the bin's noisy row count; grey: too few noisy rows for the rate to mean "
+        "much (fewer than max(20, 3·√2·σ_e)). On the dashed diagonal: well calibrated." + extra,
+    )
+
+
+MIN_BIN_ROWS = 20.0
+
+
+def _min_bin_rows(sigma: float | None) -> float:
+    """Noisy rows under which a bin is greyed: a bin's row count carries noise of std σ_e·√2 (two cells)."""
+    return max(MIN_BIN_ROWS, 3.0 * math.sqrt(2.0) * sigma) if sigma is not None else MIN_BIN_ROWS
 
 
 def _comparison_section(run: RunFolder) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedchurn.shared.wire import MAX_CALIBRATION_BINS
+
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"  # server/report.py
@@ -26,6 +28,27 @@ KEPT_RECORD_FILE = "kept-model.json"  # clients/private_evaluation.py
 
 
 @dataclass(frozen=True)
+class ReliabilityBin:
+    """One histogram bin of a bank's released test histogram: calibrated probability, noisy churn rate, noisy rows."""
+
+    probability: float
+    rate: float | None  # None: the noise left the bin without rows
+    rows: float
+
+
+def reliability_of(record: Mapping[str, Any]) -> tuple[ReliabilityBin, ...]:
+    """The per-bin figures of one evaluate record (``cal-prob-j``, ``cal-rate-j``, ``cal-rows-j`` for j = 0, 1, ...),
+    stopping at the first bin without a probability and row count; empty when there are none."""
+    bins = []
+    for j in range(MAX_CALIBRATION_BINS):
+        probability, rows = _number(record.get(f"cal-prob-{j}")), _number(record.get(f"cal-rows-{j}"))
+        if probability is None or rows is None:
+            break
+        bins.append(ReliabilityBin(probability=probability, rate=_number(record.get(f"cal-rate-{j}")), rows=rows))
+    return tuple(bins)
+
+
+@dataclass(frozen=True)
 class BankSeries:
     """One bank's figures, round by round, as the server recorded them (None: not released / undefined)."""
 
@@ -34,6 +57,8 @@ class BankSeries:
     epsilon: dict[int, float | None] = field(default_factory=dict)  # lifetime ε reported by the end of the round
     noise_multiplier: float | None = None  # σ of its last training round
     dropped: int = 0  # replies the server dropped
+    # the reliability diagram of its last release that carried one: (round, bins); see :func:`reliability_of`
+    reliability: tuple[int, tuple[ReliabilityBin, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,7 @@ def bank_series(records: list[dict[str, Any]]) -> dict[str, BankSeries]:
     epsilon: dict[str, dict[int, float | None]] = {}
     sigma: dict[str, float | None] = {}
     dropped: dict[str, int] = {}
+    reliability: dict[str, tuple[int, tuple[ReliabilityBin, ...]]] = {}
     for record in records:
         name = record["institution"]
         round_number = record.get("round")
@@ -119,6 +145,9 @@ def bank_series(records: list[dict[str, Any]]) -> dict[str, BankSeries]:
         if record.get("phase") == "evaluate":
             auc.setdefault(name, {})[round_number] = _number(record.get("auc"))
             ece.setdefault(name, {})[round_number] = _number(record.get("ece"))
+            bins = reliability_of(record)
+            if bins and (name not in reliability or reliability[name][0] <= round_number):
+                reliability[name] = (round_number, bins)
     return {
         name: BankSeries(
             auc=auc.get(name, {}),
@@ -126,6 +155,7 @@ def bank_series(records: list[dict[str, Any]]) -> dict[str, BankSeries]:
             epsilon=epsilon.get(name, {}),
             noise_multiplier=sigma.get(name),
             dropped=dropped.get(name, 0),
+            reliability=reliability.get(name),
         )
         for name in sorted(epsilon)
     }
