@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
 
@@ -251,3 +251,11 @@ class ConsoleProgress(logging.Handler):
                 self._status = None
             logger.handlers, level, logger.propagate = saved[0], saved[1], saved[2]
             logger.setLevel(level)
+
+
+def run_with_progress(command: Callable[[], int]) -> int:
+    """Run a CLI command with stage and progress lines on stderr, then skip the interpreter's final collection."""
+    with ConsoleProgress().install():
+        code = command()
+    skip_final_collection()
+    return code

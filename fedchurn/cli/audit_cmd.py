@@ -54,12 +54,9 @@ def _fmt(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Progress (per bank, per check) on stderr while it runs; the audit on stdout."""
-    from fedchurn.progress import ConsoleProgress, skip_final_collection
+    from fedchurn.progress import run_with_progress
 
-    with ConsoleProgress().install():
-        code = _run(args)
-    skip_final_collection()
-    return code
+    return run_with_progress(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

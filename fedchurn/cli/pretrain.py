@@ -61,12 +61,9 @@ def resolve_pretrain_config(args: argparse.Namespace) -> FedChurnConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Stage and per-epoch lines (loss, validation metric, elapsed, ETA) on stderr while it trains."""
-    from fedchurn.progress import ConsoleProgress, skip_final_collection
+    from fedchurn.progress import run_with_progress
 
-    with ConsoleProgress().install():
-        code = _run(args)
-    skip_final_collection()
-    return code
+    return run_with_progress(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -248,12 +248,9 @@ def resume_run_config(args: argparse.Namespace) -> FedChurnConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Stage lines and round lines with ETAs on stderr while the command runs (fedchurn/progress.py)."""
-    from fedchurn.progress import ConsoleProgress, skip_final_collection
+    from fedchurn.progress import run_with_progress
 
-    with ConsoleProgress().install():
-        code = _run(args)
-    skip_final_collection()
-    return code
+    return run_with_progress(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
