@@ -22,13 +22,14 @@ import warnings
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedchurn.clients.private_training import make_private
 from fedchurn.shared.config import default_config
 from fedchurn.shared.model import build_model
 from fedchurn.shared.privacy_accounting import AccountantState
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 
 def _table(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, default_config
 
 from benchmarks.make_table import INSTITUTION, LABEL, write_table
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, default_config
 from fedchurn.simulation.driver import discard_plan, plan_simulation, quiet_environment, run_simulation
 
 

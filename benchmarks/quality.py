@@ -30,19 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedchurn.clients.evaluation import predict_logits
 from fedchurn.clients.metrics import expected_calibration_error, roc_auc
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.private_evaluation import calibrator_from_releases, exact_histograms
 from fedchurn.clients.private_metrics import evaluation_settings, release_histogram, score_histogram
+from fedchurn.comparison.baselines import run_sklearn, train_local_model
+from fedchurn.comparison.report import mean_ci95
+from fedchurn.comparison.runner import at_target_epsilon
 from fedchurn.shared.config import FedChurnConfig, apply_overrides, load_config, parse_override
 from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.policy import CONSERVATIVE_POLICY
 from fedchurn.shared.transfer import FEDERATED_MODES
-
-from fedchurn.comparison.baselines import run_sklearn, train_local_model
-from fedchurn.comparison.report import mean_ci95
-from fedchurn.comparison.runner import at_target_epsilon
 
 FLOOR_DRAWS = 50
 

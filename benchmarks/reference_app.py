@@ -22,6 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedchurn.clients.metrics import roc_auc
 from fedchurn.clients.prepared_institution import PreparedInstitution, prepare_institution
 from fedchurn.clients.preprocessor import Preprocessor
@@ -33,14 +42,6 @@ from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.model import build_model
 from fedchurn.shared.table_checks import check_rows, institution_codes
 from fedchurn.shared.table_io import ColumnTable, read_columns, read_header
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 REFERENCE_CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}
 warnings.filterwarnings("ignore", message="Secure RNG turned off")  # Opacus' reminder, once per engine

@@ -14,6 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedchurn.clients.budget import BankDeclined, store_countersignature
 from fedchurn.clients.institution import evaluate_round, resolve_institution, train_round
 from fedchurn.clients.institution_identity import Institution
@@ -36,8 +39,6 @@ from fedchurn.shared.wire import (
     to_array_record,
     whitelisted_metrics,
 )
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fedchurn.shared.errors import FedChurnError
 
 __all__ = ["Calibrator", "decile_thresholds", "fit_platt", "fit_platt_histogram"]

@@ -35,6 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedchurn.auditing.empirical import Guesses, epsilon_lower_bound, guess
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
 from fedchurn.clients.transfer import train_round_phases
@@ -42,10 +46,6 @@ from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.model import ChurnModel, build_model
 from fedchurn.shared.privacy_accounting import AccountantState, resolve_noise_multiplier, sample_rate_for
 from fedchurn.shared.transfer import epochs_per_round
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
-from fedchurn.auditing.empirical import Guesses, epsilon_lower_bound, guess
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
+
 from fedchurn.clients.metrics import binary_metrics
 from fedchurn.shared.model import ChurnModel
-from torch import nn
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
+
 from fedchurn.clients.budget import BankDeclined, check_budget, lifetime_cap, lifetime_history, record_round
 from fedchurn.clients.institution_identity import Institution
 from fedchurn.clients.policy_check import check_instruction
@@ -53,7 +55,6 @@ from fedchurn.shared.privacy_accounting import (
 from fedchurn.shared.sharing import load_shared_arrays, outgoing_arrays
 from fedchurn.shared.transfer import epochs_per_round
 from fedchurn.shared.wire import WEIGHT_KEY
-from flwr.app import RecordDict
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from fedchurn.clients.preprocessor import Preprocessor
 from fedchurn.clients.row_identity import file_fingerprint, table_fingerprint
 from fedchurn.clients.splits import split_institution

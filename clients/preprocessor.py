@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fedchurn.shared.config import SchemaConfig
 from fedchurn.shared.errors import ConfigError, DataError
 from fedchurn.shared.raw_table import RawTable

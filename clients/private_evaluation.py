@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
+
 from fedchurn.clients.budget import bank_signer, lifetime_cap, lifetime_history
 from fedchurn.clients.calibration import Calibrator, decile_thresholds, fit_platt_histogram
 from fedchurn.clients.evaluation import predict_logits
@@ -56,7 +58,6 @@ from fedchurn.shared.model import ChurnModel
 from fedchurn.shared.privacy_accounting import epsilon_of
 from fedchurn.shared.provenance import library_versions
 from fedchurn.shared.wire import CALIBRATION_FAMILIES
-from flwr.app import RecordDict
 
 if TYPE_CHECKING:
     from fedchurn.clients.prepared_institution import PreparedInstitution

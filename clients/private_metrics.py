@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.policy import BankPolicy

@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fedchurn.clients import dp_sgd
-from fedchurn.shared.errors import PrivacyError
-from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader
+
+from fedchurn.clients import dp_sgd
+from fedchurn.shared.errors import PrivacyError
+from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedchurn.clients.row_identity import row_bytes
 from fedchurn.shared.bank_random import row_coin
 from fedchurn.shared.errors import ConfigError, DataError

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.privacy_accounting import AccountantState
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 logger = logging.getLogger(__name__)
 

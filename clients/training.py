@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedchurn.clients.private_training import make_private
 from fedchurn.shared.config import PrivacyConfig, TrainingConfig
 from fedchurn.shared.model import ChurnModel
 from fedchurn.shared.privacy_accounting import AccountantState, epsilon_of, sample_rate_for
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 import numpy as np
+
 from fedchurn.clients.training import TrainReport, train_locally
 from fedchurn.shared.bank_random import derive_seed64
 from fedchurn.shared.config import FedChurnConfig

@@ -13,6 +13,7 @@ import functools
 import logging
 
 import torch
+
 from fedchurn.clients.institution import load_data
 from fedchurn.clients.institution_identity import Institution
 

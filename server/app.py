@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
 from fedchurn.server.app_logging import log_through_flower
 from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
@@ -25,8 +28,6 @@ from fedchurn.shared.model import build_model, encoder_arrays, save_encoder_chec
 from fedchurn.shared.provenance import library_versions, load_checked_encoder
 from fedchurn.shared.sharing import initial_shared_arrays, save_global_head, split_shared
 from fedchurn.shared.wire import from_array_record, to_array_record
-from flwr.app import ConfigRecord, Context
-from flwr.serverapp import Grid, ServerApp
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")  # stage lines; the CLI shows them (fedchurn/progress.py)

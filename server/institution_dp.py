@@ -22,13 +22,14 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.supercore.differential_privacy import compute_clip_model_update
+
 from fedchurn.server.strategy import EncoderAggregation, check_encoder_update
 from fedchurn.shared.config import InstitutionDPConfig
 from fedchurn.shared.errors import ConfigError
 from fedchurn.shared.wire import WEIGHT_KEY, from_array_record
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 logger = logging.getLogger(__name__)
 

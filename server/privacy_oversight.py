@@ -26,6 +26,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
 from fedchurn.server.institution_dp import InstitutionLevelDP, Release, gaussian_composition_epsilon
 from fedchurn.server.reply_checks import check_member
 from fedchurn.server.strategy import DroppedReply, EncoderAggregation, Reply, RoundObserver, reply_institution
@@ -40,9 +44,6 @@ from fedchurn.shared.ledger_signing import (
     parse_wire,
 )
 from fedchurn.shared.wire import CONFIG_KEY
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")

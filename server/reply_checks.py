@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flwr.app import Message
+
 from fedchurn.shared.wire import (
     CALIBRATION_FAMILIES,
     IDENTITY_KEY,
@@ -20,7 +22,6 @@ from fedchurn.shared.wire import (
     WEIGHT_KEY,
     calibration_key,
 )
-from flwr.app import Message
 
 LEDGER_KEY = "ledger"  # optional ConfigRecord of a train reply: the institution's signed ledger entry
 LEDGER_FIELDS = ("record-hash", "signature", "public-key")

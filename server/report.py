@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, MetricRecord
+
 from fedchurn.server.checkpoint import save_round
 from fedchurn.server.strategy import DroppedReply, Reply
 from fedchurn.server.tracking import Tracker
 from fedchurn.shared.wire import from_array_record
-from flwr.app import ArrayRecord, MetricRecord
 
 logger = logging.getLogger(__name__)
 progress = logging.getLogger("fedchurn.progress")  # one line per round; the CLI shows it

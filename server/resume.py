@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
 from fedchurn.server.checkpoint import CHECKPOINT_DIR, load_round, round_checkpoint_path
 from fedchurn.server.strategy import DroppedReply, reply_institution
 from fedchurn.shared.config import FedChurnConfig, config_to_dict
 from fedchurn.shared.errors import ConfigError, FedChurnError
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 

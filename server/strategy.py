@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
 from fedchurn.server.reply_checks import (
     check_config_records,
     check_encoder_update,
@@ -39,9 +43,6 @@ from fedchurn.shared.wire import (
     from_array_record,
     to_array_record,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 __all__ = [
     "DroppedReply",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from fedchurn.shared.config_coercion import RunConfig as RunConfig
 from fedchurn.shared.config_coercion import config_from_dict as config_from_dict
 from fedchurn.shared.config_coercion import config_from_run_config as config_from_run_config

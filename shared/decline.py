@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
 from fedchurn.shared.policy import (
     POLICY_CLIPPING_TOO_HIGH,
     POLICY_DELTA_TOO_HIGH,
@@ -23,7 +25,6 @@ from fedchurn.shared.policy import (
     POLICY_TOO_MANY_ROUNDS,
 )
 from fedchurn.shared.wire import IDENTITY_KEY, METRICS_KEY, identity_record
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 STATUS_KEY = "status"  # the ConfigRecord of a decline
 STATUS_FIELD = "status"

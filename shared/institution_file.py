@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
 from fedchurn.shared.config import SchemaConfig
 from fedchurn.shared.errors import ConfigError, DataError
 from fedchurn.shared.raw_table import RawTable

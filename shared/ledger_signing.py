@@ -41,6 +41,7 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedchurn.shared.errors import FedChurnError
 from fedchurn.shared.ledger import SignedHash
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from fedchurn.shared.config import ModelConfig
 from fedchurn.shared.errors import CheckpointError
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, config_to_dict
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.institution_file import columns_to_read, log_extra_columns, read_csv_table

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fedchurn.shared.config import PrivacyConfig
-from fedchurn.shared.errors import PrivacyError
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 from opacus.accountants.utils import get_noise_multiplier
+
+from fedchurn.shared.config import PrivacyConfig
+from fedchurn.shared.errors import PrivacyError
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedchurn.shared.config import FedChurnConfig, SchemaConfig
 from fedchurn.shared.errors import CheckpointError
 from fedchurn.shared.institution_rows import resolve_schema

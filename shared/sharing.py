@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import FedChurnConfig
 from fedchurn.shared.errors import CheckpointError

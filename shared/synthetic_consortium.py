@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import SchemaConfig, SyntheticConfig
 from fedchurn.shared.raw_table import RawTable

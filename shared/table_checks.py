@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from fedchurn.shared.config import INSTITUTION_NAME_RULE, SchemaConfig, is_valid_institution_name
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.raw_table import CheckedRows

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+
 from fedchurn.shared.errors import DataError
 
 logger = logging.getLogger("fedchurn.shared.data")  # one logger for the data pipeline (users filter on it)

@@ -17,10 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedchurn.shared.config import SyntheticConfig
-from fedchurn.shared.institution_rows import write_csv
-from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
-
 from fedchurn.deployment.federation import (
     flower_environment,
     free_port,
@@ -30,6 +26,9 @@ from fedchurn.deployment.federation import (
     write_connection,
 )
 from fedchurn.deployment.pki import create_ca, create_node_key, create_server_cert
+from fedchurn.shared.config import SyntheticConfig
+from fedchurn.shared.institution_rows import write_csv
+from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 
 CONNECTION = "test-federation"
 ROOT = Path(__file__).resolve().parents[1]

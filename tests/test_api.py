@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fedchurn.shared.config import FedChurnConfig, default_config, dump_config
-from fedchurn.shared.errors import ConfigError
 
 import fedchurn
 from fedchurn.api.calls import resolve_config, simulation_config
+from fedchurn.shared.config import FedChurnConfig, default_config, dump_config
+from fedchurn.shared.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]

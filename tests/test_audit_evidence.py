@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedchurn.auditing.evidence import check_what_ran, lifetime_epsilon
+from fedchurn.auditing.findings import InstitutionAudit
+from fedchurn.auditing.run_audit import audit_run
+from fedchurn.cli.main import main
 from fedchurn.clients.app import make_client_app
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
@@ -33,12 +39,6 @@ from fedchurn.shared.ledger_signing import (
 )
 from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, compute_epsilon, epsilon_of
 from fedchurn.shared.wire import from_array_record, to_array_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
-from fedchurn.auditing.evidence import check_what_ran, lifetime_epsilon
-from fedchurn.auditing.findings import InstitutionAudit
-from fedchurn.auditing.run_audit import audit_run
-from fedchurn.cli.main import main
 
 ROUNDS = 3
 RUN_ID = 41

@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
+
 from fedchurn.clients.calibration import Calibrator, fit_platt, fit_platt_histogram
 from fedchurn.clients.metrics import expected_calibration_error
 from fedchurn.clients.prepared_institution import prepare_institution
@@ -16,7 +18,6 @@ from fedchurn.clients.private_metrics import BinSpec, EvaluationSettings, releas
 from fedchurn.shared.config import default_config
 from fedchurn.shared.institution_rows import institution_names
 from fedchurn.shared.model import build_model
-from sklearn.linear_model import LogisticRegression
 
 SPEC = BinSpec(bins=10, logit_range=6.0)
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedchurn.shared.config import load_config
 
 from fedchurn.cli.main import main
+from fedchurn.shared.config import load_config
 
 
 def _csv(path: Path, rows: list[str]) -> Path:

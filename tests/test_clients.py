@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+
 from fedchurn.clients.app import make_client_app
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
@@ -18,7 +20,6 @@ from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_ru
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of, sample_rate_for
 from fedchurn.shared.wire import TRAIN_METRICS, evaluate_metrics, from_array_record, to_array_record
-from flwr.app import Context, Message, MessageType, RecordDict
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedchurn.clients.prepared_institution import prepare_institution
-from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
-from fedchurn.shared.errors import ConfigError
-from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.comparison.report import markdown_table, mean_ci95, summarise
 from fedchurn.comparison.runner import (
     COMPARE_MODES,
@@ -25,6 +22,9 @@ from fedchurn.comparison.runner import (
     run_comparison,
     seeds_from,
 )
+from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, apply_overrides, default_config
+from fedchurn.shared.errors import ConfigError
+from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import flatten_dict
+
 from fedchurn.shared.config import (
     FedChurnConfig,
     SchemaConfig,
@@ -21,7 +23,6 @@ from fedchurn.shared.config import (
     parse_override,
 )
 from fedchurn.shared.errors import ConfigError
-from flwr.common.config import flatten_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,11 @@ from typing import Literal
 
 import numpy as np
 import pytest
+
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.preprocessor import Preprocessor
 from fedchurn.clients.splits import UnbalancedSplitError, split_institution
+from fedchurn.schema_inference import infer_schema
 from fedchurn.shared.bank_random import derive_seed
 from fedchurn.shared.config import DataConfig, FedChurnConfig, SchemaConfig, SyntheticConfig
 from fedchurn.shared.errors import ConfigError, DataError
@@ -29,8 +31,6 @@ from fedchurn.shared.synthetic_consortium import (
     synthetic_profile,
 )
 from fedchurn.shared.table_checks import LABEL_POSITIVE_DEFAULTS
-
-from fedchurn.schema_inference import infer_schema
 
 SCHEMA = SchemaConfig(
     label="churn",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from fedchurn.shared.config import FedChurnConfig, config_to_dict, default_config, load_config
 
 

@@ -6,6 +6,8 @@ import inspect
 import math
 
 import pytest
+
+from fedchurn.auditing.independent_accounting import pld_epsilon
 from fedchurn.shared.config import apply_overrides, default_config
 from fedchurn.shared.dp_planning import (
     MAX_BATCH,
@@ -19,8 +21,6 @@ from fedchurn.shared.dp_planning import (
 )
 from fedchurn.shared.errors import ConfigError
 from fedchurn.shared.privacy_accounting import compute_epsilon
-
-from fedchurn.auditing.independent_accounting import pld_epsilon
 
 
 def test_batch_grows_like_twice_sqrt_n_within_bounds() -> None:

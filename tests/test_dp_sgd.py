@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from fedchurn.clients.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
-from fedchurn.shared.config import ModelConfig
-from fedchurn.shared.model import build_model
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from fedchurn.clients.dp_sgd import PoissonBatches, VectorizedDPOptimizer, supports
+from fedchurn.shared.config import ModelConfig
+from fedchurn.shared.model import build_model
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -120,9 +121,10 @@ def test_supports_only_linear_models() -> None:
 
 
 def test_make_private_vectorized_accounts_every_step_and_detaches() -> None:
+    from torch.utils.data import DataLoader
+
     from fedchurn.clients.private_training import make_private
     from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, epsilon_of
-    from torch.utils.data import DataLoader
 
     x, y = _batch(rows=200)
     model = _model()

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from fedchurn.shared.config import ConfigError, default_config
 
 from fedchurn.cli import run_cmd
 from fedchurn.deployment.federation import find_executable
 from fedchurn.deployment.members import MEMBERS_FILE, RegistryError, node_of_key, read_members, record_member
+from fedchurn.shared.config import ConfigError, default_config
 
 
 def _key(folder: Path, name: str) -> Path:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from fedchurn.shared.errors import ConfigError
 
 
@@ -35,11 +36,10 @@ def test_a_single_alias_is_refused_too(tmp_path: Path) -> None:
 
 
 def test_a_failed_connect_keeps_the_working_connection(tmp_path: Path) -> None:
-    from fedchurn.shared.errors import FedChurnError
-
     from fedchurn.cli import federation_cmd
     from fedchurn.deployment.federation import FLWR_CONFIG_FILE, free_port, write_connection
     from fedchurn.deployment.pki import create_ca
+    from fedchurn.shared.errors import FedChurnError
 
     home = tmp_path / "flwr"
     create_ca(tmp_path / "good")

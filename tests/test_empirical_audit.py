@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
-from fedchurn.clients.empirical_run import run_empirical_audit
-from fedchurn.shared.config import default_config
 
 from fedchurn.auditing.empirical import epsilon_lower_bound, guess, tail_bound
+from fedchurn.clients.empirical_run import run_empirical_audit
+from fedchurn.shared.config import default_config
 
 
 def _tail(r: int, v: int, p: float) -> float:

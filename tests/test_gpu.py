@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
 
 pytestmark = [
@@ -27,10 +28,11 @@ def _config(tmp_path: Path, **overrides: object):
 
 
 def test_an_institution_trains_on_the_gpu_with_the_same_accounting(tmp_path: Path) -> None:
+    from flwr.app import RecordDict
+
     from fedchurn.clients.institution import _device, resolve_institution, train_round
     from fedchurn.server.app import initial_encoder
     from fedchurn.shared.institution_rows import resolve_schema
-    from flwr.app import RecordDict
 
     results = {}
     for gpus in (0.25, 0.0):

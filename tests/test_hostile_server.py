@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
 from fedchurn.clients.app import make_client_app
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
@@ -36,7 +38,6 @@ from fedchurn.shared.ledger import InstitutionLedger
 from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, to_array_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 BANK = "bank-a"
 ROWS = 400

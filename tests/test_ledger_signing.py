@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
 from fedchurn.clients.app import make_client_app
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
@@ -30,7 +32,6 @@ from fedchurn.shared.ledger_signing import (
     verify,
 )
 from fedchurn.shared.wire import from_array_record, to_array_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 HASH = "ab" * 32
 

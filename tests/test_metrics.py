@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fedchurn.clients.metrics import accuracy, binary_metrics, brier_score, pr_auc, risk_deciles, roc_auc
 
 Y = np.array([0, 0, 1, 1])

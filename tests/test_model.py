@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedchurn.shared.config import ModelConfig
 from fedchurn.shared.errors import CheckpointError
 from fedchurn.shared.model import (

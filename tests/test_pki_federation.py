@@ -11,8 +11,6 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedchurn.shared.config import apply_overrides, default_config
-from fedchurn.shared.errors import ConfigError
 
 from fedchurn.cli.main import main
 from fedchurn.deployment.federation import (
@@ -25,6 +23,8 @@ from fedchurn.deployment.federation import (
 )
 from fedchurn.deployment.flower_processes import SuperLinkSpec, SuperNodeSpec, superlink_command, supernode_command
 from fedchurn.deployment.pki import PkiError, certificate_hosts, create_ca, create_node_key, create_server_cert
+from fedchurn.shared.config import apply_overrides, default_config
+from fedchurn.shared.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -189,13 +189,13 @@ def test_connection_file_round_trip_and_cli_errors(pki: Path, tmp_path: Path, ca
 
 def test_supernode_policy_and_ledger_key_reach_the_banks_node_config(pki: Path, tmp_path: Path) -> None:
     """--policy / --ledger-key -> node config keys 'policy' / 'ledger-key', read back as Flower's SuperNode does."""
-    from fedchurn.clients.budget import bank_signer
-    from fedchurn.clients.institution import resolve_institution
-    from fedchurn.shared.ledger_signing import SigningError
     from flwr.common.config import parse_config_args
 
     from fedchurn.cli.main import _build_parser
     from fedchurn.cli.supernode_cmd import command_for
+    from fedchurn.clients.budget import bank_signer
+    from fedchurn.clients.institution import resolve_institution
+    from fedchurn.shared.ledger_signing import SigningError
 
     data = tmp_path / "customers.csv"
     data.write_text("a\n1\n")
@@ -271,9 +271,8 @@ def test_the_deploy_guides_bank_policy_example_loads_and_its_command_parses(tmp_
     import re
     import shlex
 
-    from fedchurn.shared.policy import load_policy
-
     from fedchurn.cli.main import _build_parser
+    from fedchurn.shared.policy import load_policy
 
     guide = (DEPLOY / "README.md").read_text()
     example = next(block for block in re.findall(r"```yaml\n(.*?)```", guide, re.S) if "require_dp" in block)

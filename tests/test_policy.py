@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from fedchurn.clients.policy_check import check_instruction
 from fedchurn.clients.row_identity import file_fingerprint
 from fedchurn.shared.config import (

@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedchurn.clients.evaluation import predict_probabilities
 from fedchurn.clients.metrics import risk_deciles
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.preprocessor import Preprocessor
+from fedchurn.comparison.baselines import fresh_model
+from fedchurn.pretraining.source_data import load_source, synthetic_source_table
+from fedchurn.pretraining.trainer import swap_noise
+from fedchurn.scoring import score_customers
 from fedchurn.shared.config import FedChurnConfig, SchemaConfig, SyntheticConfig, default_config, dump_config
 from fedchurn.shared.errors import CheckpointError, ConfigError, DataError
 from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.model import encoder_arrays, head_state, save_encoder_checkpoint
 from fedchurn.shared.provenance import check_schema_metadata, load_checked_encoder, schema_fingerprint, schema_metadata
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
-
-from fedchurn.comparison.baselines import fresh_model
-from fedchurn.pretraining.source_data import load_source, synthetic_source_table
-from fedchurn.pretraining.trainer import swap_noise
-from fedchurn.scoring import score_customers
 
 
 def _config(tmp_path: Path, **pretrain) -> FedChurnConfig:

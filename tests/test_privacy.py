@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from fedchurn.clients.private_training import PrivateTraining, make_private, unwrap
 from fedchurn.shared.config import PrivacyConfig
 from fedchurn.shared.errors import PrivacyError
@@ -26,8 +29,6 @@ from fedchurn.shared.privacy_accounting import (
     resolve_noise_multiplier,
     sample_rate_for,
 )
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 # Opacus' per-sample hooks fire on module outputs when the inputs do not require gradients: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from fedchurn.auditing.independent_accounting import gaussian_epsilon
+from fedchurn.cli.main import main
 from fedchurn.clients.app import make_client_app
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import steps_per_round
@@ -31,10 +35,6 @@ from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.ledger import GENESIS, InstitutionLedger, canonical_json
 from fedchurn.shared.privacy_accounting import compute_epsilon, sample_rate_for
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-
-from fedchurn.auditing.independent_accounting import gaussian_epsilon
-from fedchurn.cli.main import main
 
 OPACUS_PRV_EPS_ERROR = 0.01  # Opacus' PRVAccountant default: its ε lies in [estimate - 0.01, estimate + 0.01]
 

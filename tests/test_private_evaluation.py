@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from sklearn.metrics import average_precision_score, roc_auc_score
+
 from fedchurn.clients.app import make_client_app
 from fedchurn.clients.calibration import Calibrator, decile_thresholds, fit_platt, fit_platt_histogram
 from fedchurn.clients.metrics import risk_deciles
@@ -30,6 +33,7 @@ from fedchurn.clients.private_metrics import (
     secure_rng,
 )
 from fedchurn.clients.training import steps_per_round
+from fedchurn.scoring import score_customers
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.privacy_oversight import PrivacyOversight
 from fedchurn.server.report import RunRecorder
@@ -57,10 +61,6 @@ from fedchurn.shared.privacy_accounting import (
 )
 from fedchurn.shared.synthetic_consortium import generate_synthetic_institution
 from fedchurn.shared.wire import evaluate_metrics, to_array_record
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from sklearn.metrics import average_precision_score, roc_auc_score
-
-from fedchurn.scoring import score_customers
 
 # --------------------------------------------------------------------------------------------------
 # The mechanism

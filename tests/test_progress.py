@@ -12,10 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fedchurn.server.report import RunRecorder
-from fedchurn.server.strategy import Reply
-from fedchurn.shared.config import apply_overrides, default_config
-from fedchurn.shared.wire import to_array_record
 
 from fedchurn.progress import (
     PROGRESS_LOGGER,
@@ -26,6 +22,10 @@ from fedchurn.progress import (
     process_started,
     report_stage,
 )
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.strategy import Reply
+from fedchurn.shared.config import apply_overrides, default_config
+from fedchurn.shared.wire import to_array_record
 
 
 def test_eta_leaves_out_the_first_step_and_follows_the_last_three() -> None:
@@ -217,7 +217,6 @@ def test_dry_run_plan_uses_the_rows_steps_and_accounting_of_a_round(tmp_path: Pa
     from fedchurn.clients.prepared_institution import prepare_institution
     from fedchurn.shared.institution_rows import institution_names
     from fedchurn.shared.privacy_accounting import compute_epsilon
-
     from fedchurn.simulation.dry_run import plan_banks
 
     config = _small_config(tmp_path, **{"evaluation.mode": "off"})
@@ -244,7 +243,6 @@ def test_dry_run_plan_uses_the_rows_steps_and_accounting_of_a_round(tmp_path: Pa
 
 def test_dry_run_plans_sigma_for_the_target_from_n(tmp_path: Path) -> None:
     from fedchurn.shared.institution_rows import institution_names
-
     from fedchurn.simulation.dry_run import plan_banks
 
     config = _small_config(tmp_path, **{"privacy.noise_multiplier": None, "privacy.target_epsilon": 3.0})
@@ -312,8 +310,9 @@ def test_rdp_epsilon_with_cached_curves_is_exactly_opacus() -> None:
     import random
     import warnings
 
-    from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
     from opacus.accountants import RDPAccountant
+
+    from fedchurn.shared.privacy_accounting import AccountantState, MechanismStep, epsilon_of
 
     rng = random.Random(7)
     for _ in range(40):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedchurn.shared.config import default_config
-
 from benchmarks.quality import best_federated, report
 from fedchurn.comparison.runner import at_target_epsilon
+from fedchurn.shared.config import default_config
 
 
 def _bank(own: float, logreg: float, trees: float, ece: float, mean: float, rate: float) -> dict[str, list[float]]:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, default_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]

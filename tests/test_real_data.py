@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from fedchurn.shared.config import FedChurnConfig, apply_overrides, load_config
 
+from fedchurn.shared.config import FedChurnConfig, apply_overrides, load_config
 from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deploy" / "configs"
@@ -48,6 +48,7 @@ def test_federation_on_real_data(real_data_dir: Path, tmp_path: Path, name: str)
 
 def _kept_model_auc(out: Path, config: FedChurnConfig, institution: str) -> float:
     import torch
+
     from fedchurn.clients.evaluation import predict_logits
     from fedchurn.clients.metrics import roc_auc
     from fedchurn.clients.prepared_institution import prepare_institution

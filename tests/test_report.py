@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedchurn.server.report import RunRecorder
-from fedchurn.server.strategy import DroppedReply, Reply
-from fedchurn.shared.config import config_to_dict, default_config
 
 from fedchurn.cli.main import main
 from fedchurn.comparison.report import summarise
 from fedchurn.reporting import REPORT_FILE, build_report, charts, write_report, write_report_safely
 from fedchurn.reporting.run_folder import bank_series, lifetime_cap, read_run_folder
+from fedchurn.server.report import RunRecorder
+from fedchurn.server.strategy import DroppedReply, Reply
+from fedchurn.shared.config import config_to_dict, default_config
 
 HOSTILE = "<script>alert('bank')</script>\"&$x$"
 

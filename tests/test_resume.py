@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedchurn.server.resume import STATE_FILE, config_fingerprint, load_resume_point
 from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
 from fedchurn.shared.errors import ConfigError
 from fedchurn.shared.privacy_accounting import AccountantState, epsilon_of
-
 from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 pytestmark = pytest.mark.filterwarnings("ignore")

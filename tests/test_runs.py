@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fedchurn.shared.config import apply_overrides, default_config, dump_config
-from fedchurn.shared.errors import ConfigError
 
 from fedchurn.api.folders import FAILED, FINISHED, STOPPED, find_runs, inspect_run, resume_config
 from fedchurn.api.split import SOURCE_LINE, export_split
 from fedchurn.cli.main import main
+from fedchurn.shared.config import apply_overrides, default_config, dump_config
+from fedchurn.shared.errors import ConfigError
 
 
 def test_file_names_agree_with_the_server() -> None:
-    from fedchurn.server import app, checkpoint, report, resume
-
     from fedchurn.api import folders
+    from fedchurn.server import app, checkpoint, report, resume
 
     assert folders.SUMMARY_FILE == report.SUMMARY_FILE
     assert folders.ROUNDS_FILE == report.ROUNDS_FILE == resume.ROUNDS_FILE

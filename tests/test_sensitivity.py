@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from fedchurn.clients.preprocessor import Preprocessor
 from fedchurn.clients.splits import split_institution
 from fedchurn.shared.config import (
@@ -32,7 +34,6 @@ from fedchurn.shared.institution_rows import write_csv
 from fedchurn.shared.model import build_model
 from fedchurn.shared.raw_table import RawTable
 from fedchurn.shared.synthetic_consortium import SYNTHETIC_SCHEMA, generate_synthetic_institution
-from torch import nn
 
 C = 1.0  # clipping norm
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fedchurn.shared.config import SyntheticConfig, default_config
 from fedchurn.shared.model import content_hash, load_encoder_checkpoint
-
 from fedchurn.simulation.driver import plan_simulation, run_simulation
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -65,6 +65,7 @@ def test_summary_has_every_institution_with_metrics_and_cumulative_epsilon(two_r
 def _exact_test_auc(out: Path, name: str) -> float:
     """AUC of the institution's kept model on its exact test rows (the bank's own view; never sent)."""
     import torch
+
     from fedchurn.clients.evaluation import predict_logits
     from fedchurn.clients.metrics import roc_auc
     from fedchurn.clients.prepared_institution import prepare_institution

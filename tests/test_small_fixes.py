@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
-from fedchurn.shared.decline import DELTA_TOO_HIGH_FOR_ROWS, REASON_CODES, Decline
-from fedchurn.shared.errors import ConfigError
 
 from fedchurn.cli.main import _build_parser, _setup_logging, main
 from fedchurn.deployment.federation import find_executable, flower_environment
+from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config
+from fedchurn.shared.decline import DELTA_TOO_HIGH_FOR_ROWS, REASON_CODES, Decline
+from fedchurn.shared.errors import ConfigError
 from fedchurn.simulation.delta_check import check_delta_for_rows
 from fedchurn.simulation.ray_head import remove_session_dir
 

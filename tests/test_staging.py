@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.shared.config import SchemaConfig, default_config
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.institution_rows import read_institution
 from fedchurn.shared.partitions import cache_folder
-
 from fedchurn.simulation.driver import discard_plan, plan_simulation
 
 SCHEMA = SchemaConfig(

@@ -7,10 +7,11 @@ from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
 from fedchurn.server.strategy import DroppedReply, Reply, check_encoder_update, make_strategy
 from fedchurn.shared.config import StrategyConfig
 from fedchurn.shared.wire import TRAIN_METRICS, identity_record, to_array_record
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 KEYS = ("encoder.layers.0.weight", "encoder.layers.0.bias")
 

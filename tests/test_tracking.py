@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from fedchurn.server.report import ROUNDS_FILE, RunRecorder
 from fedchurn.server.strategy import DroppedReply, Reply
 from fedchurn.server.tracking import Tracker, round_scalars, safe_name, start_tracking
@@ -403,7 +404,6 @@ def test_a_relative_directory_is_inside_the_run_folder(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore")
 def test_a_simulation_tracks_every_round_it_records(tmp_path: Path) -> None:
     from fedchurn.shared.config import SyntheticConfig
-
     from fedchurn.simulation.driver import plan_simulation, run_simulation
 
     base = _config(tmp_path, "tensorboard", run_name="sim-tracked")

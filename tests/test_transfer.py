@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+
 from fedchurn.clients.app import make_client_app
 from fedchurn.clients.prepared_institution import prepare_institution
 from fedchurn.clients.training import train_locally
 from fedchurn.clients.transfer import train_round_phases
+from fedchurn.comparison.baselines import fresh_model
 from fedchurn.server.strategy import make_strategy
 from fedchurn.shared import model as model_module
 from fedchurn.shared import transfer
@@ -22,9 +25,6 @@ from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.privacy_accounting import AccountantState, compute_epsilon, sample_rate_for
 from fedchurn.shared.sharing import initial_shared_arrays, load_shared_arrays, outgoing_arrays, split_shared
 from fedchurn.shared.wire import TRAIN_METRICS, from_array_record, identity_record, to_array_record
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
-
-from fedchurn.comparison.baselines import fresh_model
 
 
 @pytest.fixture(autouse=True)

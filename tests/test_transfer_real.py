@@ -12,9 +12,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config, load_config
 
 from fedchurn.comparison.runner import run_comparison
+from fedchurn.shared.config import SyntheticConfig, apply_overrides, default_config, load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 

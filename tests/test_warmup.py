@@ -6,8 +6,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-import fedchurn.clients.institution as institution_module
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+import fedchurn.clients.institution as institution_module
 from fedchurn.clients.app import make_client_app
 from fedchurn.server.app import initial_encoder
 from fedchurn.server.warmup import WARM_UP_GROUP, warm_up_nodes
@@ -15,7 +17,6 @@ from fedchurn.shared.config import FedChurnConfig, SyntheticConfig, config_to_ru
 from fedchurn.shared.errors import DataError
 from fedchurn.shared.institution_rows import resolve_schema
 from fedchurn.shared.wire import to_array_record
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 
 @pytest.fixture(autouse=True)
