@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
         if not summary.get("institutions"):
             print(f"error: no institution completed a round; reasons in {config.output_dir}/rounds.jsonl")
             return 1
-        from fedchurn.cli.simulate import _format_table
+        from fedchurn.cli.simulate import _format_table, noise_floor
 
-        print(_format_table(summary))
+        print(_format_table(summary, floor=noise_floor(config)))
         dropped = summary.get("dropped_replies", [])
         print(
             f"\n{summary['rounds']} rounds; seconds per round {summary['seconds_per_round']}; "

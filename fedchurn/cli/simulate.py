@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import fnmatch
+import math
 import secrets
 import time
 from pathlib import Path
@@ -151,8 +152,19 @@ def _number(value: Any, width: int, digits: int = 3) -> str:
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def _format_table(summary: dict[str, Any]) -> str:
-    """Last released metrics per bank, and the round, AUC and ECE of the model each bank keeps."""
+def noise_floor(config: FedChurnConfig) -> float:
+    """The fewest churned (or retained) test customers a release needs before its metrics say more than its noise:
+    3 standard deviations of a class's noisy total, 3·σ_e·√bins, at the σ_e the run asks for (a bank's policy
+    may raise it, which only raises the floor)."""
+    sigma = max(config.evaluation.noise_multiplier, config.policy.evaluation_noise_multiplier)
+    return 3.0 * sigma * math.sqrt(config.evaluation.bins)
+
+
+def _format_table(summary: dict[str, Any], *, floor: float | None = None) -> str:
+    """Last released metrics per bank, and the round, AUC and ECE of the model each bank keeps.
+
+    With ``floor`` (:func:`noise_floor`), a bank whose noisy test release holds fewer churned or retained customers
+    than that is marked ``~``: its figures are mostly noise (the default demo's smallest banks)."""
     if not summary["institutions"]:
         return "No evaluation statistics left the institutions (evaluation off, or none allowed by their budgets)."
     header = (
@@ -160,12 +172,17 @@ def _format_table(summary: dict[str, Any]) -> str:
         f"{'kept@':>5} {'AUC':>6} {'ECE':>6} {'ε':>7}"
     )
     lines = [header, "-" * len(header)]
+    noisy = 0
     for name, m in summary["institutions"].items():
         epsilon = m["epsilon"]
         eps_text = "off" if epsilon is None else f"{epsilon:.3f}"
         kept = m.get("model_round")
+        mark = " "
+        if floor is not None and _below_floor(m, floor):
+            mark = "~"
+            noisy += 1
         lines.append(
-            f"{name[:22]:<22} {m['n_train'] or '-':>7} {m['n_test']:>6d} "
+            f"{name[:21]:<21}{mark} {m['n_train'] or '-':>7} {m['n_test']:>6d} "
             f"{_number(m['auc'], 6)} {_number(m['pr_auc'], 6)} "
             f"{_number(m['brier'], 6)} {_number(m.get('ece'), 6)} {'-' if kept is None else kept:>5} "
             f"{_number(m.get('model_auc'), 6)} {_number(m.get('model_ece'), 6)} {eps_text:>7}"
@@ -176,7 +193,21 @@ def _format_table(summary: dict[str, Any]) -> str:
         "calibrated probabilities. kept@: the round of the model each bank keeps (best DP validation AUC), used by "
         "'fedchurn predict'."
     )
+    if noisy and floor is not None:
+        lines.append(
+            f"~: fewer than {floor:.0f} churned or retained customers in the noisy test release (3·σ_e·√bins): "
+            "these figures are mostly evaluation noise; the bank's own exact view is its kept model "
+            "(fedchurn predict on labelled rows)."
+        )
     return "\n".join(lines)
+
+
+def _below_floor(metrics: dict[str, Any], floor: float) -> bool:
+    count, rate = metrics.get("n_test"), metrics.get("churn_rate")
+    if count is None or rate is None:
+        return True  # nothing to judge by: a class the noise emptied
+    churned = float(count) * float(rate)
+    return min(churned, float(count) - churned) < floor
 
 
 def register(commands: Any) -> None:
@@ -310,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"To continue: fedchurn simulate --resume {out}")
         return 130
     print()
-    print(_format_table(summary))
+    print(_format_table(summary, floor=noise_floor(config)))
     delta = config.privacy.delta
     if config.privacy.enabled:
         print(
