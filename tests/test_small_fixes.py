@@ -90,24 +90,12 @@ def test_compare_help_names_the_folder_compare_writes_to(capsys: pytest.CaptureF
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restored_logging() -> Iterator[None]:
-    names = ("", "fedchurn", "fedchurn.progress", "flwr")
-    saved = {
-        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level, logging.getLogger(n).propagate)
-        for n in names
-    }
-    yield
-    for name, (handlers, level, propagate) in saved.items():
-        logger = logging.getLogger(name)
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
+# The loggers the CLI configures are restored after every test by tests/conftest.py.
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_each_record_is_printed_once_even_with_a_root_handler(
-    verbose: bool, restored_logging: None, capsys: pytest.CaptureFixture[str]
+    verbose: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A library that calls logging.basicConfig (Opacus does, at import) puts a handler on the root logger.
     root_handler = logging.StreamHandler(sys.stderr)
@@ -156,7 +144,7 @@ def test_in_a_process_flower_runs_every_line_is_printed_once() -> None:
 
 
 def test_a_flower_app_process_prints_fedchurn_records_through_flowers_handler(
-    restored_logging: None, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from fedchurn.server.app_logging import log_through_flower
 

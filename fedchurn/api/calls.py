@@ -184,39 +184,25 @@ def compare(
 ) -> ComparisonResult:
     """``fedchurn compare``: every mode on identical splits at one target ε over ``seeds`` seeds. Without a
     ``target_epsilon`` and with a config that fixes σ, compares at ε = 3 (as the command does)."""
-    from fedchurn.cli.compare import DEFAULT_TARGET_EPSILON
-    from fedchurn.comparison.runner import (
-        COMPARISON_JSON,
-        at_target_epsilon,
-        default_modes,
-        parse_modes,
-        run_comparison,
-        seeds_from,
-    )
+    from fedchurn.comparison.runner import plan_comparison, run_comparison
 
-    resolved = resolve_config(config, overrides)
-    checkpoint = resolved.model.encoder_checkpoint
-    chosen = (
-        parse_modes(",".join(modes), encoder_checkpoint=checkpoint)
-        if modes
-        else default_modes(encoder_checkpoint=checkpoint)
+    plan = plan_comparison(
+        resolve_config(config, overrides),
+        modes=",".join(modes) if modes else None,
+        seeds=seeds,
+        target_epsilon=target_epsilon,
+        output_dir=Path(out),
+        overwrite=overwrite,
     )
-    if target_epsilon is None and resolved.privacy.target_epsilon is None:
-        target_epsilon = DEFAULT_TARGET_EPSILON
-    resolved = at_target_epsilon(resolved, target_epsilon)
-    folder = Path(out).expanduser().resolve()
-    resolved = apply_overrides(resolved, {"output_dir": str(folder)})
-    if (folder / COMPARISON_JSON).exists() and not overwrite:
-        raise ConfigError("out", str(folder), "already holds a comparison", "choose another folder or overwrite=True")
     comparison = run_comparison(
-        resolved,
-        modes=chosen,
-        seeds=seeds_from(resolved.seed, seeds),
-        output_dir=folder,
+        plan.config,
+        modes=plan.modes,
+        seeds=plan.seeds,
+        output_dir=plan.output_dir,
         ray_address=ray_address,
         verbose=verbose,
     )
-    return read_comparison(folder, comparison)
+    return read_comparison(plan.output_dir, comparison)
 
 
 def pretrain(

@@ -7,11 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from fedchurn.cli.simulate import add_run_inputs, resolve_run_config
-from fedchurn.shared.config import apply_overrides
-from fedchurn.shared.errors import ConfigError
 
 DEFAULT_OUT = "fedchurn-compare"
-DEFAULT_TARGET_EPSILON = 3.0
 
 
 def _planned(config: Any) -> Any:
@@ -68,37 +65,27 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedchurn.comparison.report import markdown_table
-    from fedchurn.comparison.runner import (
-        COMPARISON_JSON,
-        at_target_epsilon,
-        default_modes,
-        parse_modes,
-        run_comparison,
-        seeds_from,
-    )
+    from fedchurn.comparison.runner import DEFAULT_TARGET_EPSILON, plan_comparison, run_comparison
 
     config = resolve_run_config(args)
-    checkpoint = config.model.encoder_checkpoint
-    modes = (
-        parse_modes(args.modes, encoder_checkpoint=checkpoint)
-        if args.modes
-        else default_modes(encoder_checkpoint=checkpoint)
+    plan = plan_comparison(
+        config,
+        modes=args.modes,
+        seeds=args.seeds,
+        target_epsilon=args.target_epsilon,
+        output_dir=Path(args.out or DEFAULT_OUT),
+        overwrite=args.overwrite,
+        out_key="--out",
+        overwrite_hint="--overwrite",
     )
-    seeds = seeds_from(config.seed, args.seeds)
-    target = args.target_epsilon
-    if target is None and config.privacy.target_epsilon is None:
-        target = DEFAULT_TARGET_EPSILON
+    if plan.target_defaulted:
         print(
             f"The config fixes σ = {config.privacy.noise_multiplier}, which gives each mode a different ε; "
-            f"comparing at one target ε = {target:g} instead (--target-epsilon to choose)"
+            f"comparing at one target ε = {DEFAULT_TARGET_EPSILON:g} instead (--target-epsilon to choose)"
         )
-    config = at_target_epsilon(config, target)  # refuses before anything runs
-    if args.plan:
-        config = _planned(config)
-    out = Path(args.out or DEFAULT_OUT)
-    config = apply_overrides(config, {"output_dir": str(out.resolve())})
-    if (out / COMPARISON_JSON).exists() and not args.overwrite:
-        raise ConfigError("--out", str(out), "already holds a comparison", "choose another folder or --overwrite")
+    config = _planned(plan.config) if args.plan else plan.config
+    modes, seeds, out = plan.modes, plan.seeds, plan.output_dir
+    checkpoint = config.model.encoder_checkpoint
     print(
         f"Comparing {', '.join(modes)} at target ε = {config.privacy.target_epsilon:g} per institution, "
         f"seeds {', '.join(str(s) for s in seeds)}; encoder checkpoint: {checkpoint or 'none (random encoder)'}"

@@ -110,6 +110,47 @@ def seeds_from(base_seed: int, count: int) -> tuple[int, ...]:
     return tuple(base_seed + i for i in range(count))
 
 
+DEFAULT_TARGET_EPSILON = 3.0  # when the config fixes σ instead of a target: every mode compared at this one ε
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonPlan:
+    """What one comparison runs: the config at one target ε writing to ``output_dir``, its modes and seeds."""
+
+    config: FedChurnConfig
+    modes: tuple[str, ...]
+    seeds: tuple[int, ...]
+    output_dir: Path
+    target_defaulted: bool  # the config fixed σ and no target was given: DEFAULT_TARGET_EPSILON is used
+
+
+def plan_comparison(
+    config: FedChurnConfig,
+    *,
+    modes: str | None,
+    seeds: int,
+    target_epsilon: float | None,
+    output_dir: Path,
+    overwrite: bool,
+    out_key: str = "out",
+    overwrite_hint: str = "overwrite=True",
+) -> ComparisonPlan:
+    """Check everything a comparison needs before anything runs (``fedchurn compare`` and ``fedchurn.compare``)."""
+    checkpoint = config.model.encoder_checkpoint
+    chosen = (
+        parse_modes(modes, encoder_checkpoint=checkpoint) if modes else default_modes(encoder_checkpoint=checkpoint)
+    )
+    defaulted = target_epsilon is None and config.privacy.target_epsilon is None
+    config = at_target_epsilon(config, DEFAULT_TARGET_EPSILON if defaulted else target_epsilon)
+    folder = output_dir.expanduser().resolve()
+    if (folder / COMPARISON_JSON).exists() and not overwrite:
+        raise ConfigError(
+            out_key, str(folder), "already holds a comparison", f"choose another folder or {overwrite_hint}"
+        )
+    config = dataclasses.replace(config, output_dir=str(folder))
+    return ComparisonPlan(config, chosen, seeds_from(config.seed, seeds), folder, defaulted)
+
+
 def _number(value: Any) -> float | None:
     if value is None:
         return None
