@@ -257,6 +257,24 @@ def test_a_delta_not_below_one_over_the_banks_rows_is_declined_with_a_code_that_
     assert bank.ledger_records() == [], "nothing was trained"
 
 
+def test_a_server_probing_delta_cannot_bracket_a_small_banks_rows(tmp_path: Path, bank_csv: Path) -> None:
+    """The server picks δ and sees the decline code, so ``delta-too-high-for-rows`` tells it n >= 1/δ. The bank's
+    policy is checked first: any δ above its max_delta gets the same policy code whatever n is, so the probe can
+    only bracket n at or above 1/max_delta (100,000 rows here), never a smaller bank's."""
+    n = RealBank(tmp_path, bank_csv, name="probe").n_train(_server_config(tmp_path))
+    assert n < 1.0 / POLICY["max_delta"]  # a small bank: 1/n is far above the policy's max δ
+    codes = set()
+    for index, delta in enumerate((0.5 / n, 0.9 / n, 1.0 / n, 2.0 / n)):  # on both sides of 1/n
+        reply = RealBank(tmp_path, bank_csv, name=f"bank-{index}").send(
+            _server_config(tmp_path, **{"privacy.delta": delta}), 1
+        )
+        decline = read_decline(reply)
+        assert not isinstance(decline, str), decline
+        assert not reply.content.array_records
+        codes.add(decline.reason)
+    assert codes == {"policy-delta-too-high"}, "one answer either side of 1/n: the probe learns nothing about n"
+
+
 def test_a_bank_without_a_policy_file_enforces_the_conservative_default(tmp_path: Path, bank_csv: Path) -> None:
     bank = RealBank(tmp_path, bank_csv)
     del bank.node_config["policy"]
