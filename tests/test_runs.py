@@ -382,3 +382,20 @@ def test_an_interrupted_simulation_is_listed_as_stopped_and_resumed_by_its_folde
     assert (done.status, done.completed_rounds, done.run_name) == (FINISHED, 4, info.run_name)
     rounds = {json.loads(line)["round"] for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()}
     assert rounds == {1, 2, 3, 4}
+
+
+def test_a_metric_no_bank_released_is_a_numeric_column_of_nan() -> None:
+    """Two tiny banks whose noisy releases left AUC undefined: the column is float NaN, ready for arithmetic."""
+    from fedchurn.api.results import institutions_frame
+
+    frame = institutions_frame(
+        {
+            "bank-b": {"auc": None, "ece": 0.1, "n_test": 40, "status": None},
+            "bank-a": {"auc": None, "ece": None, "n_test": 35, "status": "stopped"},
+        }
+    )
+    assert list(frame["institution"]) == ["bank-a", "bank-b"]
+    assert frame["auc"].dtype == np.float64 and frame["auc"].isna().all()
+    assert frame["ece"].dtype == np.float64 and np.isnan(frame["ece"][0]) and frame["ece"][1] == 0.1
+    assert list(frame["n_test"]) == [35, 40]
+    assert frame["status"][0] == "stopped" and pd.isna(frame["status"][1])  # text stays text

@@ -93,8 +93,19 @@ def institutions_frame(latest: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
         if "round" in row and "evaluated_round" not in row:  # a stopped run's checkpoint names it 'round'
             row["evaluated_round"] = row.pop("round")
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=None if rows else ["institution"])
+    frame = _numeric_nulls_as_nan(pd.DataFrame(rows, columns=None if rows else ["institution"]))
     return frame.sort_values("institution").reset_index(drop=True) if len(frame) else frame
+
+
+def _numeric_nulls_as_nan(frame: pd.DataFrame) -> pd.DataFrame:
+    """A metric every bank left unreleased (null in JSON) is NaN in a numeric column, not a column of None."""
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype == object and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values
+        ):
+            frame[column] = pd.to_numeric(values).astype("float64")
+    return frame
 
 
 @dataclass(frozen=True, eq=False)
